@@ -1,0 +1,1 @@
+"""Shared library of the pipeline: plain Python, torch and rasterio. Never imports dagster."""
