@@ -1,0 +1,146 @@
+"""Training checkpoints: one ``torch.save``d dict, written atomically, loaded with ``weights_only=True``.
+
+Keys: ``model`` (state_dict), ``optimizer`` (state_dict), ``step`` (int, optimizer steps done),
+``config`` (``TrainConfig.model_dump(mode="json")``), ``rng`` (python / numpy / torch / cuda states and
+any named ``torch.Generator`` the loop draws from), ``losses`` (last logged loss parts), and
+``scaler`` (the AMP GradScaler state, or None).
+
+Files in a checkpoint directory: ``step-000123.pt`` for every checkpoint and ``last.pt`` for the newest.
+Every value is a tensor or a plain Python container so the safe unpickler can read it back.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from training_core.config import TrainConfig
+from training_core.model import SegmentationModel
+
+LAST_NAME = "last.pt"
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def step_checkpoint_name(step: int) -> str:
+    """File name of the checkpoint written after ``step`` optimizer steps."""
+    return f"step-{step:06d}.pt"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (keys without ``module.``)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def capture_rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG state the training loop depends on, as tensors and plain containers."""
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    """Put back the states ``capture_rng_state`` recorded (python, numpy, torch, cuda, named generators)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npy = state["numpy"]
+    np.random.set_state(
+        (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, gen in (generators or {}).items():
+        if name not in state["generators"]:
+            raise KeyError(f"checkpoint rng state has no generator {name!r} (has {sorted(state['generators'])})")
+        gen.set_state(state["generators"][name])
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    losses: dict[str, float] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Path:
+    """Write a checkpoint to ``path`` atomically (temp sibling, fsync, ``os.replace``)."""
+    path = Path(path)
+    payload = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "config": config.model_dump(mode="json"),
+        "rng": capture_rng_state(generators),
+        "losses": {name: float(value) for name, value in (losses or {}).items()},
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with the safe unpickler onto the CPU; a missing key is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"model", "optimizer", "step", "config", "rng", "losses"} - set(checkpoint)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks the keys {sorted(missing)}")
+    return checkpoint
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """``last.pt`` if present, else the ``step-*.pt`` with the highest step, else None."""
+    checkpoint_dir = Path(checkpoint_dir)
+    last = checkpoint_dir / LAST_NAME
+    if last.is_file():
+        return last
+    steps = [
+        (int(match.group(1)), entry)
+        for entry in checkpoint_dir.glob("step-*.pt")
+        if (match := _STEP_RE.match(entry.name))
+    ]
+    return max(steps)[1] if steps else None
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, TrainConfig]:
+    """Rebuild the trained model (eval mode, CPU) and the config that trained it."""
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.model_validate(checkpoint["config"])
+    model = SegmentationModel(config.model)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), config
