@@ -1,0 +1,105 @@
+"""Two augmented views of a batch, and the warp grid that maps view 2 onto view 1's frame.
+
+Each view gets its own dihedral transform (flip, then ``rot90``), its own colour jitter and noise.
+A dihedral transform is coded 0..7: ``rot = code % 4`` quarter turns after a horizontal flip when
+``code >= 4``. The warp grid is built by pushing an identity coordinate image through the same
+index permutations as the pixels, so its values are exact pixel centres: ``warp(view2, grid)``
+reproduces view 1 bit for bit when noise is off. The grid works at any resolution the transform
+commutes with, e.g. the stride-4 probabilities of a patch whose side is divisible by 4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from training_core.config import AugmentConfig
+
+DIHEDRAL_CODES = tuple(range(8))
+
+
+def dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Apply dihedral transform ``code`` to the last two (square) dims of ``x``."""
+    if code >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, code % 4, dims=(-2, -1))
+
+
+def inverse_dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
+    """Undo ``dihedral(x, code)``."""
+    x = torch.rot90(x, -(code % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if code >= 4 else x
+
+
+def warp_grid(codes1: list[int], codes2: list[int], size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Grid [B, size, size, 2] for ``F.grid_sample(..., align_corners=True)`` taking view 2 into view 1's frame.
+
+    View 1 pixel q shows the ground at ``T1^-1(q)``, which view 2 shows at ``T2(T1^-1(q))``; an image of
+    view-2 coordinates transformed by ``T1 o T2^-1`` holds exactly that location at q.
+    """
+    axis = torch.linspace(-1.0, 1.0, size, device=device)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    coords = torch.stack([xs, ys])  # [2, size, size], channel 0 = x (column), 1 = y (row)
+    grids = [dihedral(inverse_dihedral(coords, c2), c1) for c1, c2 in zip(codes1, codes2, strict=True)]
+    return torch.stack(grids).permute(0, 2, 3, 1).contiguous()
+
+
+def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` [B, C, size, size] at ``grid``; nearest keeps the permutation exact (and differentiable)."""
+    return F.grid_sample(x, grid.to(x.dtype), mode="nearest", padding_mode="border", align_corners=True)
+
+
+@dataclass
+class TwoViews:
+    view1: torch.Tensor  # [B, 3, P, P] in [0, 1]
+    view2: torch.Tensor
+    codes1: list[int]  # dihedral code per sample
+    codes2: list[int]
+
+    def grid(self, size: int) -> torch.Tensor:
+        """Warp grid at resolution ``size`` (P, or P / 4 for the model's stride-4 outputs)."""
+        return warp_grid(self.codes1, self.codes2, size, self.view1.device)
+
+
+def _draw_codes(n: int, augment: AugmentConfig, generator: torch.Generator) -> list[int]:
+    allowed = [c for c in DIHEDRAL_CODES if (augment.flip or c < 4) and (augment.rot90 or c % 4 == 0)]
+    picks = torch.randint(len(allowed), (n,), generator=generator, device=generator.device)
+    return [allowed[i] for i in picks.tolist()]
+
+
+def _jitter_colour(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample brightness, contrast and saturation factors drawn from [1 - strength, 1 + strength]."""
+    factors = 1.0 + strength * (2.0 * torch.rand(3, x.shape[0], 1, 1, 1, generator=generator, device=x.device) - 1.0)
+    brightness, contrast, saturation = factors
+    x = x * brightness
+    mean_grey = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean_grey) * contrast + mean_grey
+    grey = x.mean(dim=1, keepdim=True)
+    return grey + (x - grey) * saturation
+
+
+def _augment(
+    images: torch.Tensor, codes: list[int], augment: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    view = torch.stack([dihedral(image, code) for image, code in zip(images, codes, strict=True)])
+    if augment.colour_jitter > 0:
+        view = _jitter_colour(view, augment.colour_jitter, generator)
+    if augment.noise_std > 0:
+        view = view + augment.noise_std * torch.randn(view.shape, generator=generator, device=view.device)
+    return view.clamp(0.0, 1.0) if augment.colour_jitter > 0 or augment.noise_std > 0 else view
+
+
+def make_views(images: torch.Tensor, augment: AugmentConfig, generator: torch.Generator) -> TwoViews:
+    """Two independently augmented views of ``images`` [B, 3, P, P] (P square), drawn from ``generator``.
+
+    ``generator`` must live on ``images.device`` so the noise is drawn where it is used.
+    """
+    if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"two views need square images [B, 3, P, P], got {tuple(images.shape)}")
+    codes1 = _draw_codes(images.shape[0], augment, generator)
+    codes2 = _draw_codes(images.shape[0], augment, generator)
+    view1 = _augment(images, codes1, augment, generator)
+    view2 = _augment(images, codes2, augment, generator)
+    return TwoViews(view1=view1, view2=view2, codes1=codes1, codes2=codes2)
