@@ -55,6 +55,7 @@ class LossConfig(StrictModel):
     pixel_entropy: float = Field(0.1, ge=0)
     marginal_entropy: float = Field(1.0, ge=0)
     smoothness: float = Field(0.1, ge=0)
+    edge_sharpness: float = Field(10.0, ge=0, description="smoothness weight is exp(-this * colour step)")
 
 
 class TrainConfig(StrictModel):
