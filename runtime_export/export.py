@@ -1,0 +1,227 @@
+"""Torch -> numpy export: a checkpoint becomes an artifact directory the numpy runtime loads.
+
+Artifact directory: ``model.npz`` (plain float32 arrays, batch norm folded into the convs),
+``meta.json`` (runtime version, the model fields, lineage) and ``metrics.json``. Directories are
+written aside and renamed into place, so a reader never sees half an artifact. ``model/best`` is a
+symlink swapped with one ``os.replace``, so promotion is atomic too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime_export.runtime import (
+    META_FILENAME,
+    METRICS_FILENAME,
+    MODEL_FILENAME,
+    RUNTIME_VERSION,
+    STRIDE,
+    expected_array_shapes,
+    load_runtime_model,
+)
+from training_core.checkpoint import load_checkpoint, model_from_checkpoint
+from training_core.config import TrainConfig
+from training_core.model import SegmentationModel, smoothing_kernel
+
+PROMOTION_METRIC = "val_miou"  # key of metrics.json compared by promote_if_better
+
+
+def runtime_arrays(model: SegmentationModel) -> dict[str, np.ndarray]:
+    """The arrays of ``model.npz``: eval-mode batch norm folded into each conv's weight and bias."""
+    encoder = model.encoder
+    pairs = {
+        "encoder.conv1": (encoder.conv1, encoder.bn1),
+        "encoder.conv2": (encoder.conv2, encoder.bn2),
+        "encoder.res1.conv1": (encoder.res1.conv1, encoder.res1.bn1),
+        "encoder.res1.conv2": (encoder.res1.conv2, encoder.res1.bn2),
+        "encoder.res2.conv1": (encoder.res2.conv1, encoder.res2.bn1),
+        "encoder.res2.conv2": (encoder.res2.conv2, encoder.res2.bn2),
+    }
+    arrays: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for name, (conv, bn) in pairs.items():
+            weight, bias = _fold_batch_norm(conv, bn)
+            arrays[f"{name}.weight"] = weight
+            arrays[f"{name}.bias"] = bias
+        arrays["seed_proj.weight"] = _f32(model.seed_proj.weight[:, :, 0, 0])
+        arrays["seed_proj.bias"] = _f32(model.seed_proj.bias)
+        arrays["smooth_kernel"] = _f32(smoothing_kernel(model.smooth_logits)[0, 0])
+        arrays["input_mean"] = _f32(model.input_mean.flatten())
+        arrays["input_std"] = _f32(model.input_std.flatten())
+    expected = expected_array_shapes(model.config.embed_dim, model.config.max_k)
+    assert {key: a.shape for key, a in arrays.items()} == expected, "export and runtime disagree on the layout"
+    return arrays
+
+
+def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    # Folded in float64 so the only float32 rounding is the final cast.
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale[:, None, None, None]
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return _f32(weight), _f32(bias)
+
+
+def _f32(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
+
+
+def runtime_meta(config: TrainConfig, lineage: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """``meta.json``: what the runtime needs to run the arrays, plus where they came from."""
+    model = config.model
+    return {
+        "runtime_version": RUNTIME_VERSION,
+        "max_k": model.max_k,
+        "embed_dim": model.embed_dim,
+        "temperature": model.temperature,
+        "cluster_iters": model.eval_cluster_iters,
+        "smooth_iters": model.smooth_iters,
+        "smoothing": model.smoothing,
+        "colour_weight": model.colour_weight,
+        "input_mean": list(model.input_mean),
+        "input_std": list(model.input_std),
+        "input_scale": 255.0,  # pixels are divided by this before normalisation
+        "stride": STRIDE,
+        "supports_learned_refine": model.smoothing == "learned",
+        "lineage": {
+            **lineage,
+            "config_hash": config_hash(config),
+            "code_version": code_version(),
+        },
+        "metrics": metrics,
+    }
+
+
+def config_hash(config: TrainConfig) -> str:
+    """sha256 of the canonical JSON of the training config."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of this checkout (``+dirty`` when it has changes), else the package version."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"segpipe {version('segpipe')}"
+        except PackageNotFoundError:
+            return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def export_model(
+    model: SegmentationModel, config: TrainConfig, out_dir: str | Path, lineage: dict[str, Any], metrics: dict[str, Any]
+) -> Path:
+    """Write the artifact for ``model`` to ``out_dir`` atomically (replacing what was there); returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    arrays = runtime_arrays(model.eval())
+    meta = runtime_meta(config, lineage, metrics)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        with open(staging / MODEL_FILENAME, "wb") as handle:
+            np.savez(handle, **arrays)
+        _write_json(staging / META_FILENAME, meta)
+        _write_json(staging / METRICS_FILENAME, metrics)
+        load_runtime_model(staging)  # never publish an artifact the runtime would reject
+        _swap_directory(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_artifact(
+    checkpoint_path: str | Path, out_dir: str | Path, lineage: dict[str, Any], metrics: dict[str, Any]
+) -> Path:
+    """Export a training checkpoint; lineage gains the checkpoint's step besides config hash and code version."""
+    model, config = model_from_checkpoint(checkpoint_path)
+    step = int(load_checkpoint(checkpoint_path)["step"])
+    return export_model(model, config, out_dir, {**lineage, "checkpoint_step": step}, metrics)
+
+
+def promote_if_better(candidate_dir: str | Path, best_dir: str | Path) -> bool:
+    """Point ``best_dir`` (a symlink) at a copy of the candidate when its val mIoU is not worse than the best's.
+
+    A candidate without a val mIoU (no labels) is promoted only when there is no best yet. Returns
+    whether it was promoted. The swap is one ``os.replace`` of the symlink: readers see the old or
+    the new artifact, never a mix.
+    """
+    candidate_dir, best_dir = Path(candidate_dir), Path(best_dir)
+    load_runtime_model(candidate_dir)  # refuse to promote something the runtime cannot run
+    candidate_score = _promotion_score(candidate_dir)
+    if best_dir.exists() or best_dir.is_symlink():
+        if not best_dir.is_symlink():
+            raise ValueError(f"{best_dir}: expected a symlink to the best artifact, found a real directory or file")
+        best_score = _promotion_score(best_dir) if best_dir.exists() else None
+        if best_score is not None and (candidate_score is None or candidate_score < best_score):
+            return False
+    previous = best_dir.resolve() if best_dir.is_symlink() else None
+    versions = best_dir.parent / f".{best_dir.name}-versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions))
+    target = versions / staging.name.removeprefix(".staging-")
+    try:
+        for name in (MODEL_FILENAME, META_FILENAME, METRICS_FILENAME):
+            shutil.copy2(candidate_dir / name, staging / name)
+        os.rename(staging, target)
+        link = best_dir.parent / f".{best_dir.name}.link-{target.name}"
+        os.symlink(os.path.relpath(target, best_dir.parent), link)
+        os.replace(link, best_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None and previous != target.resolve() and previous.parent == versions.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    return True
+
+
+def _promotion_score(artifact_dir: Path) -> float | None:
+    path = artifact_dir / METRICS_FILENAME
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the metrics promotion compares ({exc})") from exc
+    score = metrics.get(PROMOTION_METRIC)
+    if score is not None and not isinstance(score, int | float):
+        raise ValueError(f"{path}: {PROMOTION_METRIC} must be a number or null, got {score!r}")
+    return None if score is None else float(score)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _swap_directory(staging: Path, out_dir: Path) -> None:
+    """Move a finished directory into place; an existing ``out_dir`` is renamed away first, then removed."""
+    if out_dir.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, retired)  # onto the empty placeholder
+        os.rename(staging, out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, out_dir)

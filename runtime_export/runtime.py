@@ -1,0 +1,400 @@
+"""The numpy-only runtime: loads an exported artifact and reproduces ``SegmentationModel.forward``.
+
+This module must never import torch: the QGIS plugin ships numpy alone. It mirrors the torch
+model op for op, in float32, in the same order (``training_core/model.py`` is the contract):
+
+1. ``x = (rgb / 255 - mean) / std``;
+2. stride-4 encoder (batch norm already folded into the conv weights by the export), computed
+   channels-last: each 3x3 conv is one im2col copy plus one BLAS matmul;
+3. ``F.normalize`` of the features, optionally followed by ``colour_weight * avg_pool(x, 4, ceil)``;
+4. seed logits = the first K channels of the 1x1 seed projection;
+5. soft k-means with expanded squared distances (``|e|^2 - 2 p.e + |p|^2``);
+6. smoothing with the exported 3x3 kernel, edge-replicated;
+7. bilinear upsampling with ``align_corners=False``.
+
+Pixels are ``[3, H, W]`` uint8 as rasterio reads them; the artifact's scale and normalisation are
+applied here. Whole rasters go through ``runtime_export.segment``, which uses ``embed``,
+``fit_prototypes`` and ``assign`` to share one set of prototypes across tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+RUNTIME_VERSION = "segpipe-numpy-runtime/1"
+MODEL_FILENAME = "model.npz"
+META_FILENAME = "meta.json"
+METRICS_FILENAME = "metrics.json"
+STRIDE = 4
+NORM_EPS = 1e-12  # F.normalize's eps
+MASS_EPS = 1e-6  # soft k-means clamp on cluster mass
+
+META_KEYS = (
+    "runtime_version",
+    "max_k",
+    "embed_dim",
+    "temperature",
+    "cluster_iters",
+    "smooth_iters",
+    "smoothing",
+    "colour_weight",
+    "input_mean",
+    "input_std",
+    "input_scale",
+    "stride",
+    "supports_learned_refine",
+)
+_CONV_NAMES = (
+    "encoder.conv1",
+    "encoder.conv2",
+    "encoder.res1.conv1",
+    "encoder.res1.conv2",
+    "encoder.res2.conv1",
+    "encoder.res2.conv2",
+)
+
+
+class ArtifactError(ValueError):
+    """A runtime artifact that cannot be used; the message names the file, the key and the problem."""
+
+
+def expected_array_shapes(embed_dim: int, max_k: int) -> dict[str, tuple[int, ...]]:
+    """Every array ``model.npz`` holds, with its shape (conv weights in torch layout [out, in, 3, 3])."""
+    hidden = max(embed_dim // 2, 1)
+    d = embed_dim
+    conv_io = {
+        "encoder.conv1": (hidden, 3),
+        "encoder.conv2": (d, hidden),
+        "encoder.res1.conv1": (d, d),
+        "encoder.res1.conv2": (d, d),
+        "encoder.res2.conv1": (d, d),
+        "encoder.res2.conv2": (d, d),
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (c_out, c_in) in conv_io.items():
+        shapes[f"{name}.weight"] = (c_out, c_in, 3, 3)
+        shapes[f"{name}.bias"] = (c_out,)
+    shapes["seed_proj.weight"] = (max_k, d)
+    shapes["seed_proj.bias"] = (max_k,)
+    shapes["smooth_kernel"] = (3, 3)
+    shapes["input_mean"] = (3,)
+    shapes["input_std"] = (3,)
+    return shapes
+
+
+@dataclass
+class Embedding:
+    """What the encoder makes of one tile, before clustering (pixel-major, float32)."""
+
+    embeddings: np.ndarray  # [h*w, D'] the clustered embedding
+    seed_logits: np.ndarray  # [h*w, max_k] all seed channels; a forward uses the first K
+    grid: tuple[int, int]  # (h, w) the stride-4 grid
+    size: tuple[int, int]  # (H, W) the input size
+
+
+@dataclass
+class RuntimeOutput:
+    """The numpy twin of ``training_core.model.ModelOutput`` for one tile (no batch axis)."""
+
+    probs: np.ndarray  # [K, H, W]
+    low_res_probs: np.ndarray  # [K, h, w]
+    embeddings: np.ndarray  # [D', h, w]
+    prototypes: np.ndarray  # [K, D']
+
+
+class RuntimeModel:
+    """An exported segmentation model, runnable with numpy alone."""
+
+    def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        self.meta = meta
+        self.max_k = int(meta["max_k"])
+        self.embed_dim = int(meta["embed_dim"])
+        self.temperature = np.float32(meta["temperature"])
+        self.cluster_iters = int(meta["cluster_iters"])
+        self.smooth_iters = int(meta["smooth_iters"]) if meta["smoothing"] != "none" else 0
+        self.colour_weight = np.float32(meta["colour_weight"])
+        self.input_scale = np.float32(meta["input_scale"])
+        self.mean = arrays["input_mean"].reshape(3, 1, 1)
+        self.std = arrays["input_std"].reshape(3, 1, 1)
+        # im2col layout: rows ordered (ky, kx, c_in) to match the strided window view below.
+        self.convs = {name: (_im2col_weight(arrays[f"{name}.weight"]), arrays[f"{name}.bias"]) for name in _CONV_NAMES}
+        self.seed_weight = np.ascontiguousarray(arrays["seed_proj.weight"].T)  # [D, max_k]
+        self.seed_bias = arrays["seed_proj.bias"]
+        self.smooth_kernel = arrays["smooth_kernel"]
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def embed(self, rgb: np.ndarray) -> Embedding:
+        """Encode one ``[3, H, W]`` uint8 tile into its stride-4 embedding and seed logits."""
+        rgb = _check_rgb(rgb)
+        height, width = rgb.shape[1:]
+        x = (rgb.astype(np.float32) / self.input_scale - self.mean) / self.std  # [3, H, W]
+        hwc = np.ascontiguousarray(x.transpose(1, 2, 0))
+        feat = _relu(self._conv("encoder.conv1", hwc, stride=2))
+        feat = _relu(self._conv("encoder.conv2", feat, stride=2))
+        feat = self._residual("encoder.res1", feat)
+        feat = self._residual("encoder.res2", feat)
+        h, w, d = feat.shape
+        flat = feat.reshape(h * w, d)
+        seed_logits = flat @ self.seed_weight
+        seed_logits += self.seed_bias
+        norm = np.sqrt(np.einsum("nd,nd->n", flat, flat))
+        embeddings = flat / np.maximum(norm, np.float32(NORM_EPS))[:, None]
+        if self.colour_weight > 0:
+            colour = _avg_pool_ceil(hwc, STRIDE).reshape(h * w, 3)
+            embeddings = np.concatenate([embeddings, self.colour_weight * colour], axis=1)
+        return Embedding(embeddings=embeddings, seed_logits=seed_logits, grid=(h, w), size=(height, width))
+
+    def _conv(self, name: str, x: np.ndarray, stride: int) -> np.ndarray:
+        weight, bias = self.convs[name]
+        out = conv3x3(x, weight, stride)
+        out += bias
+        return out
+
+    def _residual(self, prefix: str, x: np.ndarray) -> np.ndarray:
+        y = _relu(self._conv(f"{prefix}.conv1", x, stride=1))
+        out = self._conv(f"{prefix}.conv2", y, stride=1)
+        out += x
+        return _relu(out)
+
+    # -- clustering ----------------------------------------------------------------------------
+
+    def fit_prototypes(
+        self, embedding: Embedding, k: int, cluster_iters: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Soft k-means over one embedding set; returns (last assignment [N, K], prototypes [K, D'])."""
+        self._check_k(k)
+        iters = self.cluster_iters if cluster_iters is None else cluster_iters
+        return soft_kmeans(embedding.embeddings, embedding.seed_logits[:, :k], iters, self.temperature)
+
+    def assign(self, embedding: Embedding, prototypes: np.ndarray) -> np.ndarray:
+        """Soft assignment [N, K] of an embedding set to fixed prototypes (one k-means E-step)."""
+        return _assign(embedding.embeddings, _sq_norm(embedding.embeddings), prototypes, self.temperature)
+
+    def probs_from_assignment(
+        self, assignment: np.ndarray, embedding: Embedding, smooth_iters: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Smooth a pixel-major assignment on the stride-4 grid and upsample it: (probs, low_res)."""
+        h, w = embedding.grid
+        low_res = np.ascontiguousarray(assignment.T).reshape(-1, h, w)
+        smooth = self.smooth_iters if smooth_iters is None else smooth_iters
+        if self.meta["smoothing"] != "none" and smooth > 0:
+            low_res = smooth_probs(low_res, self.smooth_kernel, smooth)
+        return upsample_bilinear(low_res, embedding.size), low_res
+
+    # -- public forward ------------------------------------------------------------------------
+
+    def forward(
+        self, rgb: np.ndarray, k: int, cluster_iters: int | None = None, smooth_iters: int | None = None
+    ) -> RuntimeOutput:
+        """The model's forward pass on one ``[3, H, W]`` uint8 tile."""
+        self._check_k(k)
+        embedding = self.embed(rgb)
+        assignment, prototypes = self.fit_prototypes(embedding, k, cluster_iters)
+        probs, low_res = self.probs_from_assignment(assignment, embedding, smooth_iters)
+        h, w = embedding.grid
+        embeddings = np.ascontiguousarray(embedding.embeddings.T).reshape(-1, h, w)
+        return RuntimeOutput(probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes)
+
+    def predict_labels(self, rgb: np.ndarray, k: int) -> np.ndarray:
+        """Cluster ids ``[H, W]`` (uint8) for one ``[3, H, W]`` uint8 tile."""
+        return self.forward(rgb, k).probs.argmax(axis=0).astype(np.uint8)
+
+    def _check_k(self, k: int) -> None:
+        if not 2 <= k <= self.max_k:
+            raise ValueError(f"k={k} is outside [2, max_k={self.max_k}]")
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_runtime_model(artifact_dir: str | Path) -> RuntimeModel:
+    """Load ``model.npz`` + ``meta.json`` from an artifact directory, checking version, keys, shapes, dtypes."""
+    artifact_dir = Path(artifact_dir)
+    meta = read_meta(artifact_dir / META_FILENAME)
+    arrays = read_arrays(artifact_dir / MODEL_FILENAME, expected_array_shapes(meta["embed_dim"], meta["max_k"]))
+    return RuntimeModel(meta, arrays)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """``meta.json`` as a dict; a missing file or key, or another runtime version, is an ``ArtifactError``."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (an artifact needs {META_FILENAME} and {MODEL_FILENAME})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path}: missing keys {missing}")
+    if meta["runtime_version"] != RUNTIME_VERSION:
+        raise ArtifactError(
+            f"{path}: runtime_version {meta['runtime_version']!r} does not match this runtime ({RUNTIME_VERSION!r})"
+        )
+    if meta["stride"] != STRIDE:
+        raise ArtifactError(f"{path}: stride {meta['stride']!r} is not supported (this runtime runs stride {STRIDE})")
+    if meta["smoothing"] not in ("fast", "learned", "none"):
+        raise ArtifactError(f"{path}: smoothing {meta['smoothing']!r} is not one of fast|learned|none")
+    for key in ("max_k", "embed_dim", "cluster_iters", "smooth_iters"):
+        if not isinstance(meta[key], int) or meta[key] < 0:
+            raise ArtifactError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")
+    return meta
+
+
+def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The arrays of ``model.npz`` (no pickles), each float32 with exactly the expected shape."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (an artifact needs {META_FILENAME} and {MODEL_FILENAME})")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = sorted(set(shapes) - set(npz.files))
+            unexpected = sorted(set(npz.files) - set(shapes))
+            if missing or unexpected:
+                raise ArtifactError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+            for key, shape in shapes.items():
+                try:
+                    array = npz[key]
+                except ValueError as exc:  # object arrays refuse to load without pickle
+                    raise ArtifactError(f"{path}: key {key!r} cannot be loaded without pickle ({exc})") from exc
+                if array.dtype != np.float32:
+                    raise ArtifactError(f"{path}: key {key!r} has dtype {array.dtype}, expected float32")
+                if array.shape != shape:
+                    raise ArtifactError(f"{path}: key {key!r} has shape {array.shape}, expected {shape}")
+                arrays[key] = array
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ArtifactError(f"{path}: not a readable npz archive ({exc})") from exc
+    return arrays
+
+
+# -- numerics (each mirrors one op of training_core/model.py) ------------------------------------
+
+
+def conv3x3(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
+    """3x3 convolution, zero padding 1, on channels-last ``x`` [H, W, C] with im2col ``weight`` [9C, C_out]."""
+    height, width, channels = x.shape
+    padded = np.zeros((height + 2, width + 2, channels), dtype=np.float32)
+    padded[1:-1, 1:-1] = x
+    out_h = (height - 1) // stride + 1
+    out_w = (width - 1) // stride + 1
+    s_row, s_col, s_ch = padded.strides
+    windows = as_strided(
+        padded,
+        shape=(out_h, out_w, 3, 3, channels),
+        strides=(s_row * stride, s_col * stride, s_row, s_col, s_ch),
+        writeable=False,
+    )
+    cols = windows.reshape(out_h * out_w, 9 * channels)  # the one copy
+    return (cols @ weight).reshape(out_h, out_w, weight.shape[1])
+
+
+def _im2col_weight(weight: np.ndarray) -> np.ndarray:
+    """Torch conv weight [out, in, 3, 3] -> [(ky, kx, in), out], the row order ``conv3x3`` builds."""
+    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0]))
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, np.float32(0), out=x)
+
+
+def _avg_pool_ceil(hwc: np.ndarray, size: int) -> np.ndarray:
+    """``F.avg_pool2d(x, size, ceil_mode=True)`` on [H, W, C]: partial edge windows average what they cover."""
+    height, width, channels = hwc.shape
+    h, w = -(-height // size), -(-width // size)
+    padded = np.zeros((h * size, w * size, channels), dtype=np.float32)
+    padded[:height, :width] = hwc
+    sums = padded.reshape(h, size, w, size, channels).sum(axis=(1, 3))
+    rows = np.minimum(np.arange(h) * size + size, height) - np.arange(h) * size
+    cols = np.minimum(np.arange(w) * size + size, width) - np.arange(w) * size
+    counts = (rows[:, None] * cols[None, :]).astype(np.float32)
+    return sums / counts[:, :, None]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (the cluster axis in pixel-major layout), in place."""
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
+
+
+def _sq_norm(embeddings: np.ndarray) -> np.ndarray:
+    return np.einsum("nd,nd->n", embeddings, embeddings)[:, None]
+
+
+def _weighted_means(assign: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    # float64 mass: numpy's column sums are sequential while torch's are pairwise; the wider
+    # accumulator keeps us as close to torch as torch is to the exact sum.
+    mass = np.maximum(assign.sum(axis=0, dtype=np.float64), MASS_EPS).astype(np.float32)
+    return (assign.T @ embeddings) / mass[:, None]
+
+
+def _assign(embeddings: np.ndarray, sq_norm: np.ndarray, prototypes: np.ndarray, temperature: np.float32) -> np.ndarray:
+    dist = sq_norm - np.float32(2.0) * (embeddings @ prototypes.T) + (prototypes * prototypes).sum(axis=1)[None, :]
+    return _softmax(-dist / temperature)
+
+
+def soft_kmeans(
+    embeddings: np.ndarray, seed_logits: np.ndarray, iters: int, temperature: np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Soft k-means over ``embeddings`` [N, D] seeded by ``seed_logits`` [N, K] -> (assign [N, K], protos [K, D])."""
+    assign = _softmax(np.array(seed_logits, dtype=np.float32, copy=True))
+    sq_norm = _sq_norm(embeddings)
+    prototypes = _weighted_means(assign, embeddings)
+    for _ in range(iters):
+        assign = _assign(embeddings, sq_norm, prototypes, temperature)
+        prototypes = _weighted_means(assign, embeddings)
+    return assign, prototypes
+
+
+def smooth_probs(probs: np.ndarray, kernel: np.ndarray, iters: int) -> np.ndarray:
+    """Blur each channel of ``probs`` [K, h, w] with the 3x3 ``kernel``, edge-replicated, ``iters`` times."""
+    _, h, w = probs.shape
+    for _ in range(iters):
+        padded = np.pad(probs, ((0, 0), (1, 1), (1, 1)), mode="edge")
+        out = np.zeros_like(probs)
+        for dy in range(3):
+            for dx in range(3):
+                out += kernel[dy, dx] * padded[:, dy : dy + h, dx : dx + w]
+        probs = out
+    return probs
+
+
+def _source_index(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Torch's ``align_corners=False`` source indices and weights, computed in float32 as torch does."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0))
+    i0 = src.astype(np.int64)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    lambda1 = src - i0.astype(np.float32)
+    return i0, i1, np.float32(1) - lambda1, lambda1
+
+
+def upsample_bilinear(low_res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``F.interpolate(mode="bilinear", align_corners=False)`` of [K, h, w] to [K, H, W] (width first, as torch)."""
+    _, h, w = low_res.shape
+    c0, c1, wc0, wc1 = _source_index(w, size[1])
+    r0, r1, wr0, wr1 = _source_index(h, size[0])
+    cols = wc0 * low_res[:, :, c0] + wc1 * low_res[:, :, c1]  # [K, h, W]
+    return wr0[:, None] * cols[:, r0, :] + wr1[:, None] * cols[:, r1, :]
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[0] != 3:
+        shape = getattr(rgb, "shape", None)
+        raise ValueError(f"expected RGB pixels of shape [3, H, W] as rasterio reads them, got {shape}")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"expected uint8 RGB pixels (0..255), got dtype {rgb.dtype}")
+    if rgb.shape[1] < 1 or rgb.shape[2] < 1:
+        raise ValueError(f"expected a non-empty tile, got shape {rgb.shape}")
+    return rgb
