@@ -256,7 +256,13 @@ def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.
         raise ArtifactError(f"{path}: missing (an artifact needs {META_FILENAME} and {MODEL_FILENAME})")
     arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:  # not a zip: numpy would fall back to (refused) pickle
+        raise ArtifactError(f"{path}: not a readable npz archive ({exc})") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ArtifactError(f"{path}: expected an npz archive of named arrays, got a single array")
+    try:
+        with npz:
             missing = sorted(set(shapes) - set(npz.files))
             unexpected = sorted(set(npz.files) - set(shapes))
             if missing or unexpected:
@@ -272,7 +278,7 @@ def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.
                     raise ArtifactError(f"{path}: key {key!r} has shape {array.shape}, expected {shape}")
                 arrays[key] = array
     except (zipfile.BadZipFile, OSError) as exc:
-        raise ArtifactError(f"{path}: not a readable npz archive ({exc})") from exc
+        raise ArtifactError(f"{path}: corrupt npz archive ({exc})") from exc
     return arrays
 
 

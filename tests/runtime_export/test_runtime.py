@@ -1,0 +1,146 @@
+"""The numpy runtime reproduces the torch model on real tiles and refuses broken artifacts clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
+from runtime_export.runtime import RUNTIME_VERSION, ArtifactError, load_runtime_model
+from training_core.config import ModelConfig, TrainConfig
+
+from .conftest import calibrated_model
+
+
+def test_import_does_not_pull_torch() -> None:
+    code = "import sys, runtime_export.runtime; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("k", [2, 8, 16])
+def test_parity_on_sample_tiles(artifact_dir: Path, model, sample_tiles, k: int) -> None:
+    report = model_parity(load_runtime_model(artifact_dir), model, sample_tiles, [k])
+    assert report["min_label_agreement"] >= MIN_LABEL_AGREEMENT, report
+    assert report["max_prob_diff"] <= MAX_PROB_DIFF, report
+    assert report["passed"]
+
+
+@pytest.mark.parametrize("smoothing", ["fast", "none"])
+def test_parity_other_lanes_without_colour(tmp_path: Path, sample_tiles, smoothing: str) -> None:
+    from runtime_export.export import export_model
+
+    config = TrainConfig(model=ModelConfig(smoothing=smoothing, embed_dim=16, max_k=8, eval_cluster_iters=6))
+    model = calibrated_model(config, sample_tiles, seed=3)
+    artifact = export_model(model, config, tmp_path / "a", {}, {})
+    report = model_parity(load_runtime_model(artifact), model, sample_tiles[2:], [2, 8])
+    assert report["passed"], report
+
+
+def test_forward_outputs_match_torch_shapes(artifact_dir: Path, model, sample_tiles) -> None:
+    rgb = sample_tiles[3]  # 341 x 280: not a multiple of the stride
+    out = load_runtime_model(artifact_dir).forward(rgb, 5)
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(rgb).float()[None] / 255.0, 5)
+    assert out.probs.shape == tuple(ref.probs.shape[1:])
+    assert out.low_res_probs.shape == tuple(ref.low_res_probs.shape[1:])
+    assert out.embeddings.shape == tuple(ref.embeddings.shape[1:])
+    np.testing.assert_allclose(out.prototypes, ref.prototypes[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(out.probs.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_predict_labels_is_uint8_cluster_ids(artifact_dir: Path, sample_tiles) -> None:
+    labels = load_runtime_model(artifact_dir).predict_labels(sample_tiles[2], 4)
+    assert labels.dtype == np.uint8 and labels.shape == sample_tiles[2].shape[1:]
+    assert labels.max() < 4
+
+
+def test_bad_inputs_are_clear_errors(artifact_dir: Path, sample_tiles) -> None:
+    runtime = load_runtime_model(artifact_dir)
+    with pytest.raises(ValueError, match="uint8"):
+        runtime.forward(sample_tiles[2].astype(np.float32), 4)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        runtime.forward(sample_tiles[2][:2], 4)
+    with pytest.raises(ValueError, match="max_k"):
+        runtime.forward(sample_tiles[2], 17)
+
+
+def _copy(artifact_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(artifact_dir, tmp_path / "copy"))
+
+
+def _rewrite_meta(artifact: Path, **changes) -> None:
+    meta = json.loads((artifact / "meta.json").read_text())
+    meta.update(changes)
+    (artifact / "meta.json").write_text(json.dumps(meta))
+
+
+def _rewrite_arrays(artifact: Path, **changes) -> None:
+    with np.load(artifact / "model.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays.update(changes)
+    for key in [key for key, value in changes.items() if value is None]:
+        del arrays[key]
+    np.savez(artifact / "model.npz", **arrays)
+
+
+def test_version_mismatch(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_meta(artifact, runtime_version="segpipe-numpy-runtime/0")
+    with pytest.raises(ArtifactError, match=f"meta.json.*runtime_version.*{RUNTIME_VERSION}"):
+        load_runtime_model(artifact)
+
+
+def test_missing_meta_key(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    meta = json.loads((artifact / "meta.json").read_text())
+    del meta["temperature"]
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="meta.json.*temperature"):
+        load_runtime_model(artifact)
+
+
+def test_missing_array(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_arrays(artifact, **{"seed_proj.bias": None})
+    with pytest.raises(ArtifactError, match=r"model.npz.*missing keys \['seed_proj.bias'\]"):
+        load_runtime_model(artifact)
+
+
+def test_wrong_shape(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_arrays(artifact, smooth_kernel=np.ones((5, 5), np.float32))
+    with pytest.raises(ArtifactError, match=r"model.npz.*smooth_kernel.*\(5, 5\).*\(3, 3\)"):
+        load_runtime_model(artifact)
+
+
+def test_wrong_dtype(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_arrays(artifact, input_std=np.ones(3, np.float64))
+    with pytest.raises(ArtifactError, match="input_std.*float64"):
+        load_runtime_model(artifact)
+
+
+def test_object_array(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_arrays(artifact, input_mean=np.array([{"evil": 1}, None, 3], dtype=object))
+    with pytest.raises(ArtifactError, match="input_mean.*pickle"):
+        load_runtime_model(artifact)
+
+
+def test_not_an_archive(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    (artifact / "model.npz").write_bytes(b"not a zip")
+    with pytest.raises(ArtifactError, match="model.npz.*npz"):
+        load_runtime_model(artifact)
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="meta.json.*missing"):
+        load_runtime_model(tmp_path)
