@@ -1,0 +1,297 @@
+"""GeoTIFF patch sampling: fixed-size windows from rasters of any size, with aligned targets.
+
+torchgeo-style split of jobs: a *sampler* decides where the windows are (``RandomPatchSampler`` draws
+random windows, ``GridPatchSampler`` covers every raster), the *dataset* (``PatchDataset``) turns one
+``PatchLocation`` into a sample. ``DataLoader(PatchDataset(...), sampler=...)`` wires them together.
+
+Every sample is a dict: ``image`` float32 [3, P, P] in [0, 1] (uint8 / 255), ``valid`` bool [P, P],
+``item_id`` str, and ``target`` int64 [P, P] (0 = ignore) when the raster has a paired target.
+
+Rasters smaller than the patch are padded, never skipped. Padding choice: the image is *reflected*
+at the bottom / right edge, the target is padded with 0 (ignore) and ``valid`` is False there.
+Reflection keeps real ground texture in the padded area; a flat zero border would be a free,
+perfectly separable "segment" that the clustering losses would learn to isolate. ``valid`` still
+marks it so losses and metrics can leave it out. Pixels the raster declares nodata (nodata value,
+internal mask or alpha band) are ``valid = False`` too.
+
+The helpers ``read_tile`` / ``pad_tile`` / ``crop_sample`` are shared with the shard dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+from torch.utils.data import Dataset, Sampler
+
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Decoded pixels of a raster (or of a window of it), before cropping to a patch."""
+
+    image: np.ndarray  # uint8 [3, H, W]
+    target: np.ndarray | None  # integer [H, W], 0 = ignore
+    valid: np.ndarray | None  # bool [H, W]; None = every pixel valid (the common case, no allocation)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[2]
+
+
+def _read_valid(src: rasterio.DatasetReader, window: Window | None) -> np.ndarray | None:
+    """Valid-data mask from nodata / internal mask / alpha, or None when the raster declares none."""
+    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums[:3]):
+        return None
+    return src.dataset_mask(window=window) > 0
+
+
+def read_tile(input_path: str | Path, target_path: str | Path | None = None, window: Window | None = None) -> Tile:
+    """Read the RGB bands (and the target's first band) of a window, or of the whole raster.
+
+    Raises ValueError naming the file when the input is not 3+ band uint8 or the target's size differs.
+    """
+    with rasterio.open(input_path) as src:
+        if src.count < 3:
+            raise ValueError(f"{input_path}: band count {src.count}: an RGB input needs at least 3 bands")
+        if src.dtypes[0] != "uint8":
+            raise ValueError(f"{input_path}: dtype {src.dtypes[0]}: an RGB input must be uint8")
+        image = src.read((1, 2, 3), window=window)
+        valid = _read_valid(src, window)
+        input_shape = (src.height, src.width)
+    target = None
+    if target_path is not None:
+        with rasterio.open(target_path) as tgt:
+            if (tgt.height, tgt.width) != input_shape:
+                raise ValueError(
+                    f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
+                    f"({input_shape[0]}x{input_shape[1]})"
+                )
+            target = tgt.read(1, window=window)
+            if tgt.nodata is not None:
+                target[target == tgt.nodata] = 0
+    return Tile(image=image, target=target, valid=valid)
+
+
+def pad_tile(tile: Tile, patch_size: int) -> Tile:
+    """Grow a tile to at least ``patch_size`` on both sides: image reflected, target 0, valid False.
+
+    Padding goes at the bottom / right so pixel (row, col) of the raster stays at (row, col).
+    """
+    pad_rows = max(0, patch_size - tile.height)
+    pad_cols = max(0, patch_size - tile.width)
+    if not pad_rows and not pad_cols:
+        return tile
+    image = np.pad(tile.image, ((0, 0), (0, pad_rows), (0, pad_cols)), mode="reflect")
+    valid = tile.valid if tile.valid is not None else np.ones((tile.height, tile.width), dtype=bool)
+    valid = np.pad(valid, ((0, pad_rows), (0, pad_cols)), constant_values=False)
+    target = None
+    if tile.target is not None:
+        target = np.pad(tile.target, ((0, pad_rows), (0, pad_cols)), constant_values=0)
+    return Tile(image=image, target=target, valid=valid)
+
+
+def crop_sample(tile: Tile, row: int, col: int, patch_size: int, item_id: str) -> dict:
+    """The sample dict of the ``patch_size`` square at (row, col) of a tile at least that large."""
+    rows, cols = slice(row, row + patch_size), slice(col, col + patch_size)
+    image = tile.image[:, rows, cols]
+    if image.shape[1:] != (patch_size, patch_size):
+        raise ValueError(f"{item_id}: patch at ({row}, {col}) leaves the {tile.height}x{tile.width} tile")
+    sample = {
+        # Division (not multiplication by 1/255) so the values are exactly uint8 / 255.
+        "image": torch.from_numpy(image).to(torch.float32).div_(255.0),
+        "valid": (
+            torch.ones((patch_size, patch_size), dtype=torch.bool)
+            if tile.valid is None
+            else torch.from_numpy(tile.valid[rows, cols].copy())
+        ),
+        "item_id": item_id,
+    }
+    if tile.target is not None:
+        sample["target"] = torch.from_numpy(tile.target[rows, cols].astype(np.int64))
+    return sample
+
+
+@dataclass(frozen=True)
+class GeoRaster:
+    """One input raster (and optional aligned target) with its pixel size."""
+
+    item_id: str
+    input_path: Path
+    target_path: Path | None
+    height: int
+    width: int
+
+    @classmethod
+    def open(cls, item_id: str, input_path: str | Path, target_path: str | Path | None = None) -> GeoRaster:
+        """Read the size from the header; a target of another size is an error naming both files."""
+        with rasterio.open(input_path) as src:
+            height, width = src.height, src.width
+        if target_path is not None:
+            with rasterio.open(target_path) as tgt:
+                if (tgt.height, tgt.width) != (height, width):
+                    raise ValueError(
+                        f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
+                        f"({height}x{width})"
+                    )
+        return cls(
+            item_id=item_id,
+            input_path=Path(input_path),
+            target_path=None if target_path is None else Path(target_path),
+            height=height,
+            width=width,
+        )
+
+
+def find_geotiffs(paths: Sequence[str | Path]) -> list[Path]:
+    """GeoTIFF files named directly, or found at the top level of named folders (sorted per folder).
+
+    A missing path, or a folder without GeoTIFFs, is an error: nothing is silently dropped.
+    """
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in GEOTIFF_SUFFIXES)
+            if not files:
+                raise ValueError(f"{path}: geo_paths folder holds no GeoTIFF (*.tif, *.tiff) at its top level")
+            found.extend(files)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise ValueError(f"{path}: geo_paths entry does not exist")
+    return found
+
+
+def unlabeled_rasters(paths: Sequence[str | Path]) -> list[GeoRaster]:
+    """``GeoRaster``s without targets for every GeoTIFF in ``paths`` (item id = file stem)."""
+    return [GeoRaster.open(path.stem, path) for path in find_geotiffs(paths)]
+
+
+@dataclass(frozen=True)
+class PatchLocation:
+    """Top-left pixel of a patch window in raster ``raster`` (an index into the dataset's rasters)."""
+
+    raster: int
+    row: int
+    col: int
+
+
+class PatchDataset(Dataset):
+    """Map-style dataset indexed by ``PatchLocation``: reads only that window of the raster.
+
+    Windows reaching past a raster smaller than the patch are padded (see the module docstring).
+    """
+
+    def __init__(self, rasters: Sequence[GeoRaster], patch_size: int = 512) -> None:
+        if not rasters:
+            raise ValueError("PatchDataset needs at least one raster")
+        self.rasters = list(rasters)
+        self.patch_size = patch_size
+
+    def __getitem__(self, location: PatchLocation) -> dict:
+        raster = self.rasters[location.raster]
+        window = Window(
+            location.col,
+            location.row,
+            min(self.patch_size, raster.width - location.col),
+            min(self.patch_size, raster.height - location.row),
+        )
+        tile = pad_tile(read_tile(raster.input_path, raster.target_path, window), self.patch_size)
+        item_id = f"{raster.item_id}@{location.row},{location.col}"
+        return crop_sample(tile, 0, 0, self.patch_size, item_id)
+
+
+def grid_offsets(size: int, patch_size: int, stride: int) -> list[int]:
+    """Window starts along one axis that cover [0, size): a stride grid plus one flush with the far edge."""
+    if size <= patch_size:
+        return [0]
+    last = size - patch_size
+    offsets = list(range(0, last + 1, stride))
+    if offsets[-1] != last:
+        offsets.append(last)
+    return offsets
+
+
+class GridPatchSampler(Sampler[PatchLocation]):
+    """Every window of a regular grid over every raster (evaluation, whole-raster passes).
+
+    With ``world_size`` > 1 each rank takes every ``world_size``-th window, so ranks never overlap.
+    """
+
+    def __init__(
+        self,
+        rasters: Sequence[GeoRaster],
+        patch_size: int = 512,
+        stride: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        stride = stride or patch_size
+        locations = [
+            PatchLocation(index, row, col)
+            for index, raster in enumerate(rasters)
+            for row in grid_offsets(raster.height, patch_size, stride)
+            for col in grid_offsets(raster.width, patch_size, stride)
+        ]
+        self.locations = locations[rank::world_size]
+
+    def __iter__(self) -> Iterator[PatchLocation]:
+        return iter(self.locations)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+
+class RandomPatchSampler(Sampler[PatchLocation]):
+    """``length`` random windows per epoch, deterministic in (seed, epoch, rank).
+
+    A raster is picked with probability proportional to how many patches it holds (at least one,
+    so small rasters are still drawn), then a window uniformly inside it. Call ``set_epoch(epoch)``
+    before each epoch for fresh windows; each rank draws its own stream.
+    """
+
+    def __init__(
+        self,
+        rasters: Sequence[GeoRaster],
+        patch_size: int,
+        length: int,
+        seed: int,
+        rank: int = 0,
+    ) -> None:
+        if not rasters:
+            raise ValueError("RandomPatchSampler needs at least one raster")
+        self.rasters = list(rasters)
+        self.patch_size = patch_size
+        self.length = length
+        self.seed = seed
+        self.rank = rank
+        weights = np.array([max(1.0, r.height * r.width / patch_size**2) for r in self.rasters])
+        self.weights = weights / weights.sum()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[PatchLocation]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank])
+        picks = rng.choice(len(self.rasters), size=self.length, p=self.weights)
+        for index in picks.tolist():
+            raster = self.rasters[index]
+            row = int(rng.integers(0, max(0, raster.height - self.patch_size) + 1))
+            col = int(rng.integers(0, max(0, raster.width - self.patch_size) + 1))
+            yield PatchLocation(index, row, col)
+
+    def __len__(self) -> int:
+        return self.length
