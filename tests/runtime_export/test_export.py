@@ -1,0 +1,107 @@
+"""Export writes a complete artifact atomically; promotion only moves model/best forward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime_export import export as export_module
+from runtime_export.export import PROMOTION_METRIC, config_hash, export_artifact, export_model, promote_if_better
+from runtime_export.parity import runtime_parity
+from runtime_export.runtime import RUNTIME_VERSION, load_runtime_model
+from training_core.checkpoint import save_checkpoint
+
+
+def test_artifact_contents(artifact_dir: Path, learned_config) -> None:
+    assert sorted(p.name for p in artifact_dir.iterdir()) == ["meta.json", "metrics.json", "model.npz"]
+    with np.load(artifact_dir / "model.npz", allow_pickle=False) as npz:
+        assert all(npz[key].dtype == np.float32 for key in npz.files)
+    meta = json.loads((artifact_dir / "meta.json").read_text())
+    model = learned_config.model
+    assert meta["runtime_version"] == RUNTIME_VERSION
+    assert (meta["max_k"], meta["embed_dim"], meta["temperature"]) == (model.max_k, model.embed_dim, model.temperature)
+    assert (meta["cluster_iters"], meta["smooth_iters"]) == (model.eval_cluster_iters, model.smooth_iters)
+    assert meta["smoothing"] == "learned" and meta["supports_learned_refine"] is True
+    assert meta["colour_weight"] == 0.5 and meta["stride"] == 4 and meta["input_scale"] == 255.0
+    assert meta["input_mean"] == model.input_mean and meta["input_std"] == model.input_std
+    lineage = meta["lineage"]
+    assert lineage["dataset_ids"] == ["quebec_buildings"] and lineage["data_versions"] == {"quebec_buildings": "abc"}
+    assert lineage["config_hash"] == config_hash(learned_config) and len(lineage["config_hash"]) == 64
+    assert lineage["code_version"]
+    assert meta["metrics"] == json.loads((artifact_dir / "metrics.json").read_text()) == {"val_miou": 0.5}
+
+
+def test_export_artifact_from_checkpoint_and_parity(tmp_path: Path, model, learned_config, sample_tiles) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint = save_checkpoint(
+        tmp_path / "ckpt" / "last.pt", model=model, optimizer=optimizer, step=7, config=learned_config
+    )
+    artifact = export_artifact(checkpoint, tmp_path / "artifact", {"dataset_ids": ["x"]}, {PROMOTION_METRIC: 0.4})
+    meta = json.loads((artifact / "meta.json").read_text())
+    assert meta["lineage"]["checkpoint_step"] == 7 and meta["lineage"]["dataset_ids"] == ["x"]
+    report = runtime_parity(artifact, checkpoint, sample_tiles[2:], ks=(2, 8, 16, 99))
+    assert report["passed"] and sorted(report["per_k"]) == ["16", "2", "8"], report
+
+
+def test_failed_export_leaves_the_previous_artifact(tmp_path: Path, model, learned_config, monkeypatch) -> None:
+    out = export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    before = (out / "model.npz").read_bytes()
+
+    def refuse(path):
+        raise RuntimeError("simulated crash after the arrays were written")
+
+    monkeypatch.setattr(export_module, "load_runtime_model", refuse)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_model(model, learned_config, out, {}, {PROMOTION_METRIC: 0.9})
+    assert (out / "model.npz").read_bytes() == before
+    assert json.loads((out / "metrics.json").read_text()) == {PROMOTION_METRIC: 0.1}
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no staging directory left behind
+
+
+def test_export_replaces_an_existing_artifact(tmp_path: Path, model, learned_config) -> None:
+    export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.2})
+    assert json.loads((tmp_path / "artifact" / "metrics.json").read_text()) == {PROMOTION_METRIC: 0.2}
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def _candidate(tmp_path: Path, model, config, name: str, score: float | None) -> Path:
+    return export_model(model, config, tmp_path / "runs" / name, {}, {PROMOTION_METRIC: score})
+
+
+def _best_score(best: Path) -> float | None:
+    return json.loads((best / "metrics.json").read_text())[PROMOTION_METRIC]
+
+
+def test_promotion_only_when_not_worse(tmp_path: Path, model, learned_config) -> None:
+    best = tmp_path / "model" / "best"
+    assert promote_if_better(_candidate(tmp_path, model, learned_config, "a", 0.5), best)
+    assert best.is_symlink() and _best_score(best) == 0.5
+    assert not promote_if_better(_candidate(tmp_path, model, learned_config, "b", 0.4), best)
+    assert _best_score(best) == 0.5
+    assert not promote_if_better(_candidate(tmp_path, model, learned_config, "c", None), best)
+    assert promote_if_better(_candidate(tmp_path, model, learned_config, "d", 0.5), best)
+    assert promote_if_better(_candidate(tmp_path, model, learned_config, "e", 0.6), best)
+    assert _best_score(best) == 0.6
+    load_runtime_model(best)
+    versions = list((tmp_path / "model" / ".best-versions").iterdir())
+    assert versions == [best.resolve()]  # superseded copies are removed
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [".best-versions", "best"]
+
+
+def test_promotion_without_labels_needs_an_empty_slot(tmp_path: Path, model, learned_config) -> None:
+    best = tmp_path / "model" / "best"
+    assert promote_if_better(_candidate(tmp_path, model, learned_config, "a", None), best)
+    assert promote_if_better(_candidate(tmp_path, model, learned_config, "b", 0.1), best)
+    assert _best_score(best) == 0.1
+
+
+def test_promotion_refuses_a_real_directory(tmp_path: Path, model, learned_config) -> None:
+    best = tmp_path / "best"
+    best.mkdir()
+    with pytest.raises(ValueError, match="symlink"):
+        promote_if_better(_candidate(tmp_path, model, learned_config, "a", 0.5), best)
