@@ -100,6 +100,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary shared file
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()

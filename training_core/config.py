@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STRIDE = 4  # the encoder's output stride: the model and the patch-size checks share it
 
 
 class StrictModel(BaseModel):
@@ -77,3 +82,49 @@ class TrainConfig(StrictModel):
     amp: bool = Field(False, description="AMP on CPU (always on for CUDA, off for MPS)")
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> TrainConfig:
+        if not self.k_min <= self.model.max_k:
+            raise ValueError(f"k_min={self.k_min} exceeds model.max_k={self.model.max_k}")
+        low, high = self.cluster_iters
+        if not 0 <= low <= high:
+            raise ValueError(f"cluster_iters={self.cluster_iters} must be [min, max] with 0 <= min <= max")
+        for factor in self.data.downsample:
+            # The warp grid at stride 4 is exact only when the (downsampled) patch side is a multiple of 4.
+            if factor < 1 or self.data.patch_size % (factor * STRIDE):
+                raise ValueError(
+                    f"data.downsample factor {factor}: data.patch_size={self.data.patch_size} must be divisible "
+                    f"by {STRIDE} * factor"
+                )
+        return self
+
+
+def load_config(path: str | Path | None) -> TrainConfig:
+    """The training config in ``path``: a Python module exposing ``get_config()`` or ``CONFIG`` (a
+    TrainConfig or a dict), or a YAML file of TrainConfig fields. ``None`` gives the defaults."""
+    if path is None:
+        return TrainConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        raw = yaml.safe_load(path.read_text()) or {}
+    elif path.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(f"_train_config_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if hasattr(module, "get_config"):
+            raw = module.get_config()
+        elif hasattr(module, "CONFIG"):
+            raw = module.CONFIG
+        else:
+            raise ValueError(f"config module {path} defines neither get_config() nor CONFIG")
+    else:
+        raise ValueError(f"config file {path}: expected .py, .yaml or .yml, got {path.suffix!r}")
+    if isinstance(raw, TrainConfig):
+        return raw
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(f"config file {path}: {error}") from error

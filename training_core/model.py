@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training_core.config import ModelConfig
-
-STRIDE = 4
+from training_core.config import STRIDE, ModelConfig
 
 
 @dataclass
