@@ -1,0 +1,573 @@
+"""Processed shards (layout v0): build, read and verify.
+
+```
+<processed_root>/<dataset_id>/<split>/shard-00000/inputs/<item_id>.tif
+                                                /targets/<item_id>.tif   (labeled items)
+                                                /index.jsonl
+<processed_root>/<dataset_id>/manifest.json       counts, seed, header hash, data version
+<processed_root>/<dataset_id>/dataset_header.yaml the header the build used
+```
+
+Tiles are uncompressed GeoTIFFs (unless the header says otherwise) keeping CRS, transform and nodata.
+Items are written in parallel into a hidden sibling ``.<dataset_id>.building-*``; the manifest is written
+last, then the folder is swapped in: the previous one is renamed aside, the new one renamed in, the old one
+deleted. A crash at any point leaves a complete old or new folder; the next build puts an aside folder
+back if the crash hit between the two renames, and removes leftovers of dead builds. Builds of one dataset
+must not run concurrently (Dagster runs one per partition). The manifest holds no timestamps, so a rebuild
+of the same data and settings is byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import rasterio
+
+from training_core.headers import (
+    HEADER_FILENAME,
+    DatasetError,
+    DatasetHeader,
+    DatasetItem,
+    ItemFacts,
+    Modality,
+    Sharding,
+    check_consistency,
+    check_label_values,
+    complete_header,
+    dataset_content_hash,
+    discover_datasets,
+    discover_items,
+    dump_header,
+    header_from_dict,
+    header_hash,
+    layout_header,
+    load_committed_header,
+    load_header,
+    map_items,
+    open_item,
+    read_blocks,
+)
+from training_core.splits import SPLITS, assign_splits, read_pinned_splits, split_counts
+
+LAYOUT_VERSION = 0
+MANIFEST_FILENAME = "manifest.json"
+INDEX_FILENAME = "index.jsonl"
+INPUTS_DIR, TARGETS_DIR = "inputs", "targets"
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of index.jsonl; `input` and `target` are relative to the shard directory."""
+
+    dataset_id: str
+    item_id: str
+    raw_split: str | None
+    split: str
+    input: str
+    has_target: bool
+    target: str | None = None
+
+    def to_json(self) -> str:
+        line = asdict(self)
+        if line["target"] is None:
+            del line["target"]
+        return json.dumps(line)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a build will write, known before any pixel is read."""
+
+    dataset_dir: Path
+    header: DatasetHeader
+    header_committed: bool
+    items: list[DatasetItem]
+    assignment: dict[str, str]
+    pinned: dict[str, str]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return split_counts(self.assignment)
+
+    def shards(self) -> dict[str, list[list[DatasetItem]]]:
+        """split -> shards (item lists of at most shard_size, items sorted by id)."""
+        size = self.header.sharding.shard_size
+        out: dict[str, list[list[DatasetItem]]] = {}
+        for split in SPLITS:
+            members = [item for item in self.items if self.assignment[item.item_id] == split]
+            out[split] = [members[i : i + size] for i in range(0, len(members), size)]
+        return out
+
+
+@dataclass
+class ShardBuildReport:
+    dataset_id: str
+    counts: dict[str, int]
+    n_items: int
+    n_labeled: int
+    bytes_written: int
+    elapsed_s: float
+    data_version: str
+    header_hash: str
+    manifest_path: Path
+    label_values: list[int]
+    crs: list[str]
+    seed: int
+    shard_size: int
+    reused: bool = False
+    shards: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "manifest_path": str(self.manifest_path)}
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def tile_relpath(folder: str, item_id: str) -> str:
+    return f"{folder}/{item_id}.tif"
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def plan_shards(
+    extracted_root: str | Path, dataset_id: str, *, seed: int | None = None, shard_size: int | None = None
+) -> ShardPlan:
+    """Header (committed, else the layout part of the inferred one), items and split assignment."""
+    dataset_dir = Path(extracted_root) / dataset_id
+    if not dataset_dir.is_dir():
+        raise DatasetError(f"{dataset_dir}: no such dataset folder")
+    committed = load_committed_header(dataset_dir, dataset_id)
+    header = committed or layout_header(dataset_dir, dataset_id)
+    if seed is not None or shard_size is not None:
+        data = header.model_dump()
+        data["splits"]["seed"] = header.splits.seed if seed is None else seed
+        data["sharding"]["shard_size"] = header.sharding.shard_size if shard_size is None else shard_size
+        header = header_from_dict(data, f"{dataset_dir} (seed/shard_size overrides)")
+    items = discover_items(dataset_dir, header)
+    pinned = read_pinned_splits(dataset_dir, header)
+    return ShardPlan(dataset_dir, header, committed is not None, items, assign_splits(items, header, pinned), pinned)
+
+
+def build_key(plan: ShardPlan, data_version: str) -> str:
+    """Identifies a build's inputs: an inferred header is a function of the data, so data version plus the
+    planned header (settings, overrides) decide the output."""
+    return hashlib.sha256(f"{LAYOUT_VERSION}:{data_version}:{header_hash(plan.header)}".encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+@dataclass(frozen=True)
+class _TileTask:
+    item: DatasetItem
+    shard_dir: Path
+
+
+def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, sharding: Sharding) -> set[int]:
+    """Stream src into dst keeping CRS, transform and nodata; returns the distinct values seen (targets)."""
+    profile = {
+        "driver": "GTiff",
+        "width": src.width,
+        "height": src.height,
+        "count": src.count,
+        "dtype": src.dtypes[0],
+        "crs": src.crs,
+        "transform": src.transform,
+        "nodata": src.nodata if src.nodata is not None else modality.nodata,
+        "BIGTIFF": "IF_SAFER",
+    }
+    if not sharding.force_uncompressed_tiff and src.compression is not None:
+        profile["compress"] = src.compression.value
+    values: set[int] = set()
+    with rasterio.open(dst, "w", **profile) as out:
+        for window, block in read_blocks(src):
+            out.write(block, window=window)
+            if modality.role == "target":
+                values.update(int(v) for v in np.unique(block))
+    return values
+
+
+def _write_item(task: _TileTask, header: DatasetHeader) -> ItemFacts:
+    item = task.item
+    with open_item(item, header) as opened:
+        written = [task.shard_dir / tile_relpath(INPUTS_DIR, item.item_id)]
+        _copy_tile(opened.input, written[0], header.input, header.sharding)
+        labels: tuple[int, ...] = ()
+        if opened.target is not None:
+            written.append(task.shard_dir / tile_relpath(TARGETS_DIR, item.item_id))
+            labels = tuple(sorted(_copy_tile(opened.target, written[1], header.target, header.sharding)))
+            check_label_values(item.target_path, labels, header.target)
+    size = sum(path.stat().st_size for path in written)
+    return ItemFacts(item.item_id, opened.input_facts, opened.target_facts, labels, size)
+
+
+def _write_shards(plan: ShardPlan, out_dir: Path, workers: int | None) -> tuple[DatasetHeader, list[ItemFacts], dict]:
+    """Write every tile and index into out_dir; returns the completed header, the facts and the shard names."""
+    tasks: list[_TileTask] = []
+    entries: dict[Path, list[IndexEntry]] = {}
+    shard_names: dict[str, list[str]] = {}
+    for split, shards in plan.shards().items():
+        shard_names[split] = []
+        for number, members in enumerate(shards):
+            shard_dir = out_dir / split / shard_name(number)
+            (shard_dir / INPUTS_DIR).mkdir(parents=True)
+            if any(item.labeled for item in members):
+                (shard_dir / TARGETS_DIR).mkdir()
+            shard_names[split].append(f"{split}/{shard_name(number)}")
+            tasks += [_TileTask(item, shard_dir) for item in members]
+            entries[shard_dir] = [_index_entry(plan.header.dataset_id, item, split) for item in members]
+    facts = map_items(partial(_write_item, header=plan.header), tasks, workers)
+    header = plan.header if plan.header_committed else complete_header(plan.header, facts)
+    check_consistency(facts, header)
+    for shard_dir, shard_entries in entries.items():
+        (shard_dir / INDEX_FILENAME).write_text("".join(entry.to_json() + "\n" for entry in shard_entries))
+    return header, facts, shard_names
+
+
+def _index_entry(dataset_id: str, item: DatasetItem, split: str) -> IndexEntry:
+    target = tile_relpath(TARGETS_DIR, item.item_id) if item.labeled else None
+    return IndexEntry(
+        dataset_id, item.item_id, item.raw_split, split, tile_relpath(INPUTS_DIR, item.item_id), item.labeled, target
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(processed_root: Path, dataset_id: str) -> None:
+    """Undo what a crashed build left: put back a folder renamed aside, drop dead builds' temp folders."""
+    final = processed_root / dataset_id
+    asides = sorted(processed_root.glob(f".{dataset_id}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not final.exists() and asides and (asides[-1] / MANIFEST_FILENAME).is_file():
+        os.rename(asides.pop(), final)
+    for aside in asides:
+        shutil.rmtree(aside, ignore_errors=True)
+    for building in processed_root.glob(f".{dataset_id}.building-*"):
+        pid = building.name.rsplit("-", 2)[-2]
+        if not (pid.isdigit() and _pid_alive(int(pid))):
+            shutil.rmtree(building, ignore_errors=True)
+
+
+def _swap_in(new_dir: Path, final: Path) -> None:
+    aside = None
+    if final.exists():
+        aside = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.rename(final, aside)
+    os.rename(new_dir, final)
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _report(manifest: dict, manifest_path: Path, elapsed_s: float, reused: bool) -> ShardBuildReport:
+    return ShardBuildReport(
+        dataset_id=manifest["dataset_id"],
+        counts=manifest["counts"],
+        n_items=manifest["n_items"],
+        n_labeled=manifest["n_labeled"],
+        bytes_written=manifest["bytes_written"],
+        elapsed_s=elapsed_s,
+        data_version=manifest["data_version"],
+        header_hash=manifest["header_hash"],
+        manifest_path=manifest_path,
+        label_values=manifest["label_values"],
+        crs=manifest["crs"],
+        seed=manifest["seed"],
+        shard_size=manifest["shard_size"],
+        reused=reused,
+        shards=manifest["shards"],
+    )
+
+
+def build_shards(
+    extracted_root: str | Path,
+    processed_root: str | Path,
+    dataset_id: str,
+    *,
+    seed: int | None = None,
+    shard_size: int | None = None,
+    overwrite: bool = False,
+    workers: int | None = None,
+) -> ShardBuildReport:
+    """Build the dataset's shards and swap them in atomically.
+
+    An existing output built from the same data and settings is reused (``reused=True``); one built from
+    anything else is replaced only with ``overwrite=True``. Bad input raises DatasetError and leaves the
+    processed root as it was.
+    """
+    started = time.perf_counter()
+    processed_root = Path(processed_root)
+    plan = plan_shards(extracted_root, dataset_id, seed=seed, shard_size=shard_size)
+    data_version = dataset_content_hash(plan.dataset_dir)
+    key = build_key(plan, data_version)
+    processed_root.mkdir(parents=True, exist_ok=True)
+    _recover(processed_root, dataset_id)
+    final = processed_root / dataset_id
+    if final.exists() and not overwrite:
+        existing = _read_manifest_file(final / MANIFEST_FILENAME)
+        if existing.get("build_key") != key:
+            raise DatasetError(
+                f"{final}: exists and was built from other data or settings (build_key differs); "
+                "pass overwrite=True (--overwrite) to replace it"
+            )
+        return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
+
+    out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
+    out_dir.mkdir()
+    try:
+        header, facts, shard_names = _write_shards(plan, out_dir, workers)
+        manifest = {
+            "layout_version": LAYOUT_VERSION,
+            "dataset_id": dataset_id,
+            "seed": header.splits.seed,
+            "shard_size": header.sharding.shard_size,
+            "header_hash": header_hash(header),
+            "data_version": data_version,
+            "build_key": key,
+            "counts": plan.counts,
+            "n_items": len(plan.items),
+            "n_labeled": sum(item.labeled for item in plan.items),
+            "shards": shard_names,
+            "label_values": sorted({v for f in facts for v in f.label_values}),
+            "crs": sorted({f.input.crs for f in facts if f.input.crs is not None}),
+            "bytes_written": sum(f.bytes_written for f in facts),
+            "pinned": plan.pinned,
+        }
+        dump_header(header, out_dir / HEADER_FILENAME)
+        # The manifest is written last: a folder with a manifest is a complete build.
+        (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_in(out_dir, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return _report(manifest, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=False)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _read_manifest_file(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no manifest (shards not built, or a build did not finish)") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}:{exc.lineno}: manifest is not valid JSON: {exc.msg}") from None
+    if not isinstance(manifest, dict) or manifest.get("layout_version") != LAYOUT_VERSION:
+        raise DatasetError(f"{path}: layout_version: expected {LAYOUT_VERSION}")
+    return manifest
+
+
+def read_manifest(processed_root: str | Path, dataset_id: str) -> dict:
+    return _read_manifest_file(Path(processed_root) / dataset_id / MANIFEST_FILENAME)
+
+
+def _inside(shard_dir: Path, rel: object, where: str, key: str) -> str:
+    """The relative path, if it names a file inside shard_dir: absolute paths and `..` are refused."""
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: {key}: expected a relative path, got {rel!r}")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise DatasetError(f"{where}: {key}: absolute path {rel!r} (index paths are relative to the shard)")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise DatasetError(f"{where}: {key}: path {rel!r} leaves the shard directory")
+    if not (shard_dir / rel).resolve().is_relative_to(shard_dir.resolve()):
+        raise DatasetError(f"{where}: {key}: path {rel!r} resolves outside the shard directory")
+    return rel
+
+
+_INDEX_TYPES = {"dataset_id": str, "item_id": str, "raw_split": (str, type(None)), "split": str, "has_target": bool}
+
+
+def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{where}: expected a JSON object")
+    required = {*_INDEX_TYPES, "input"}
+    if missing := sorted(required - data.keys()):
+        raise DatasetError(f"{where}: missing key {missing[0]!r}")
+    if unknown := sorted(data.keys() - required - {"target"}):
+        raise DatasetError(f"{where}: unknown key {unknown[0]!r}")
+    for key, kind in _INDEX_TYPES.items():
+        if not isinstance(data[key], kind):
+            raise DatasetError(f"{where}: {key}: unexpected value {data[key]!r}")
+    if data["split"] not in SPLITS:
+        raise DatasetError(f"{where}: split: {data['split']!r} is not one of {SPLITS}")
+    target = data.get("target")
+    if data["has_target"] != (target is not None):
+        raise DatasetError(f"{where}: has_target is {data['has_target']} but target is {target!r}")
+    return IndexEntry(
+        data["dataset_id"],
+        data["item_id"],
+        data["raw_split"],
+        data["split"],
+        _inside(shard_dir, data["input"], where, "input"),
+        data["has_target"],
+        None if target is None else _inside(shard_dir, target, where, "target"),
+    )
+
+
+def read_index(shard_dir: str | Path) -> list[IndexEntry]:
+    """Parse a shard's index.jsonl; rejects absolute or escaping paths, naming file and line."""
+    shard_dir = Path(shard_dir)
+    index = shard_dir / INDEX_FILENAME
+    try:
+        lines = index.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{index}: missing shard index") from None
+    return [
+        _parse_index_line(shard_dir, line, f"{index}:{number}")
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+
+
+def shard_dirs(processed_root: str | Path, dataset_id: str, split: str) -> list[Path]:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    split_dir = Path(processed_root) / dataset_id / split
+    return sorted(p for p in split_dir.glob("shard-*") if p.is_dir()) if split_dir.is_dir() else []
+
+
+def iter_split_items(processed_root: str | Path, dataset_id: str, split: str) -> Iterator[tuple[Path, IndexEntry]]:
+    for shard_dir in shard_dirs(processed_root, dataset_id, split):
+        for entry in read_index(shard_dir):
+            yield shard_dir, entry
+
+
+# --------------------------------------------------------------------------------------------- verifying
+
+
+def _tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> list[str]:
+    input_path = shard_dir / entry.input
+    try:
+        with rasterio.open(input_path) as src:
+            if src.count != header.input.channels:
+                return [f"{input_path}: has {src.count} bands, expected {header.input.channels}"]
+            shape = src.shape
+        if entry.target is not None:
+            target_path = shard_dir / entry.target
+            with rasterio.open(target_path) as tgt:
+                if tgt.count != 1 or tgt.shape != shape:
+                    return [f"{target_path}: is {tgt.count}x{tgt.shape}, expected 1x{shape} like its input"]
+    except rasterio.errors.RasterioError as exc:
+        return [f"{shard_dir}: item {entry.item_id!r}: cannot open tile: {exc}"]
+    return []
+
+
+def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
+    """Problems with a built dataset (empty list = sound): manifest and index readable, every index path
+    inside its shard, every item in exactly one split, the assignment equal to the split rule's, counts
+    equal to the manifest's, every tile opening with the input's bands and the targets with its shape."""
+    root = Path(processed_root) / dataset_id
+    try:
+        manifest = read_manifest(processed_root, dataset_id)
+        header = load_header(root / HEADER_FILENAME)
+    except DatasetError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    seen: dict[str, IndexEntry] = {}
+    for split in SPLITS:
+        for shard_dir in shard_dirs(processed_root, dataset_id, split):
+            try:
+                entries = read_index(shard_dir)
+            except DatasetError as exc:
+                problems.append(str(exc))
+                continue
+            for entry in entries:
+                if entry.split != split or entry.dataset_id != dataset_id:
+                    problems.append(f"{shard_dir}: item {entry.item_id!r} is labelled {entry.dataset_id}/{entry.split}")
+                if entry.item_id in seen:
+                    other = seen[entry.item_id].split
+                    problems.append(f"{shard_dir}: item {entry.item_id!r} is also in split {other!r}")
+                seen[entry.item_id] = entry
+                problems += _tile_problems(shard_dir, entry, header)
+    actual = {item_id: entry.split for item_id, entry in seen.items()}
+    if split_counts(actual) != manifest["counts"]:
+        problems.append(f"{root}: split counts {split_counts(actual)} differ from the manifest's {manifest['counts']}")
+    items = [
+        DatasetItem(e.item_id, Path(e.input), None if e.target is None else Path(e.target), e.raw_split)
+        for e in seen.values()
+    ]
+    try:
+        expected = assign_splits(items, header, manifest.get("pinned"))
+    except DatasetError as exc:
+        return [*problems, str(exc)]
+    if moved := sorted(item_id for item_id in actual if expected[item_id] != actual[item_id]):
+        problems.append(
+            f"{root}: {len(moved)} items are not where the split rule puts them, e.g. {moved[0]!r} is in "
+            f"{actual[moved[0]]!r}, the rule says {expected[moved[0]]!r}"
+        )
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="segpipe-shards", description="Build processed shards (layout v0).")
+    parser.add_argument("--extracted-root", required=True, type=Path)
+    parser.add_argument("--processed-root", required=True, type=Path)
+    parser.add_argument("--dataset-id", help="one dataset (default: every sub-folder of the extracted root)")
+    parser.add_argument("--seed", type=int, help="override the header's splits.seed")
+    parser.add_argument("--shard-size", type=int, help="override the header's sharding.shard_size")
+    parser.add_argument("--overwrite", action="store_true", help="replace output built from other data/settings")
+    parser.add_argument("--dry-run", action="store_true", help="print the planned split counts; write nothing")
+    parser.add_argument("--workers", type=int, help="processes writing tiles (default: CPU count)")
+    args = parser.parse_args(argv)
+    try:
+        ids = [args.dataset_id] if args.dataset_id else discover_datasets(args.extracted_root)
+        for dataset_id in ids:
+            if args.dry_run:
+                plan = plan_shards(args.extracted_root, dataset_id, seed=args.seed, shard_size=args.shard_size)
+                shards = {split: len(members) for split, members in plan.shards().items()}
+                summary = {
+                    "dataset_id": dataset_id,
+                    "dry_run": True,
+                    "counts": plan.counts,
+                    "shards": shards,
+                    "header": "committed" if plan.header_committed else "inferred",
+                }
+                print(json.dumps(summary))
+                continue
+            report = build_shards(
+                args.extracted_root,
+                args.processed_root,
+                dataset_id,
+                seed=args.seed,
+                shard_size=args.shard_size,
+                overwrite=args.overwrite,
+                workers=args.workers,
+            )
+            print(json.dumps(report.to_dict()))
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
