@@ -1,0 +1,166 @@
+"""Asset checks. Blocking checks stop everything downstream when data is wrong (Dagster skips the
+downstream steps and the UI shows the failed check and its problems); the quality check only warns.
+
+Data-plane checks are partitioned like their assets and report per dataset; each collects every
+problem instead of stopping at the first, so one run shows everything that needs fixing.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+import rasterio
+
+from assets.datasets import DATASETS, dataset_header, processed_shards
+from assets.resources import ProjectPaths
+from training_core.headers import DatasetError, discover_items, load_header, validate_dataset
+from training_core.shards import IndexEntry, read_index, shard_dirs
+from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits, split_counts
+
+INPUT_BANDS = 3
+
+
+@dg.asset_check(asset=dataset_header, partitions_def=DATASETS, blocking=True)
+def header_matches_files(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Every file of the dataset opens and agrees with the header (bands, dtype, CRS, labels, pairing)."""
+
+    def problems(dataset_id: str) -> list[str]:
+        header = load_header(paths.header_path(dataset_id))
+        validate_dataset(paths.dataset_dir(dataset_id), header)
+        return []
+
+    return per_dataset_result(partition_keys(context), problems)
+
+
+@dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
+def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Each item of the raw dataset appears in exactly one split of the shards, and nothing else does."""
+
+    def problems(dataset_id: str) -> list[str]:
+        header = load_header(paths.header_path(dataset_id))
+        expected = {item.item_id for item in discover_items(paths.dataset_dir(dataset_id), header)}
+        seen = Counter(entry.item_id for _, _, entry in index_entries(paths.processed_root, dataset_id))
+        found = [f"{item_id}: in {n} splits" for item_id, n in sorted(seen.items()) if n != 1]
+        found += [f"{item_id}: in no split" for item_id in sorted(expected - set(seen))]
+        found += [f"{item_id}: not an item of the raw dataset" for item_id in sorted(set(seen) - expected)]
+        return found
+
+    return per_dataset_result(partition_keys(context), problems)
+
+
+@dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
+def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Every item sits in the split the deterministic rule gives it; with the default policy the counts
+    are exactly half-up(fraction x labeled) metrics_train, the other labeled val, the unlabeled train."""
+
+    def problems(dataset_id: str) -> list[str]:
+        dataset_dir = paths.dataset_dir(dataset_id)
+        header = load_header(paths.header_path(dataset_id))
+        items = discover_items(dataset_dir, header)
+        rule = assign_splits(items, header, read_pinned_splits(dataset_dir, header))
+        actual = {entry.item_id: split for split, _, entry in index_entries(paths.processed_root, dataset_id)}
+        found = [
+            f"{item_id}: in {actual.get(item_id)!r}, the rule says {split!r}"
+            for item_id, split in sorted(rule.items())
+            if actual.get(item_id) != split
+        ]
+        policy = header.splits
+        if policy.ratios is None and policy.manifest_files is None and not policy.preserve_raw_split:
+            n_labeled = sum(1 for item in items if item.target_path is not None)
+            expected = expected_split_counts(n_labeled, len(items) - n_labeled, policy.train_metric_fraction_of_labeled)
+            counts = split_counts(actual)
+            if counts != expected:
+                found.append(f"split counts {counts} differ from the rule's {expected}")
+        return found
+
+    return per_dataset_result(partition_keys(context), problems)
+
+
+@dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
+def index_paths_inside_shard(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Every path in every ``index.jsonl`` is relative and resolves inside its shard directory."""
+
+    def problems(dataset_id: str) -> list[str]:
+        found = []
+        for split in SPLITS:
+            for shard_dir in shard_dirs(paths.processed_root, dataset_id, split):
+                try:
+                    entries = read_index(shard_dir)
+                except DatasetError as exc:  # read_index rejects absolute and escaping paths
+                    found.append(str(exc))
+                    continue
+                found += [
+                    f"{shard_dir}: {path} does not exist"
+                    for path in entry_paths(shard_dir, entries)
+                    if not path.is_file()
+                ]
+        return found
+
+    return per_dataset_result(partition_keys(context), problems)
+
+
+@dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
+def tiles_open_with_expected_shape(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Every input tile opens with 3 bands; every target opens with one band and its input's height x width."""
+
+    def problems(dataset_id: str) -> list[str]:
+        found = []
+        for _, shard_dir, entry in index_entries(paths.processed_root, dataset_id):
+            try:
+                with rasterio.open(shard_dir / entry.input) as src:
+                    shape = (src.height, src.width)
+                    if src.count != INPUT_BANDS:
+                        found.append(f"{shard_dir / entry.input}: {src.count} bands, expected {INPUT_BANDS}")
+                if entry.has_target:
+                    with rasterio.open(shard_dir / entry.target) as tgt:
+                        if tgt.count != 1 or (tgt.height, tgt.width) != shape:
+                            found.append(
+                                f"{shard_dir / entry.target}: {tgt.count} band(s) of {tgt.height}x{tgt.width}, "
+                                f"expected 1 band of {shape[0]}x{shape[1]} like its input"
+                            )
+            except rasterio.errors.RasterioIOError as exc:
+                found.append(f"{shard_dir}: {entry.item_id}: cannot open ({exc})")
+        return found
+
+    return per_dataset_result(partition_keys(context), problems)
+
+
+def index_entries(processed_root: str, dataset_id: str) -> Iterator[tuple[str, Path, IndexEntry]]:
+    """(split, shard directory, index entry) for every item in the dataset's shards."""
+    for split in SPLITS:
+        for shard_dir in shard_dirs(processed_root, dataset_id, split):
+            for entry in read_index(shard_dir):
+                yield split, shard_dir, entry
+
+
+def entry_paths(shard_dir: Path, entries: list[IndexEntry]) -> Iterator[Path]:
+    for entry in entries:
+        yield shard_dir / entry.input
+        if entry.has_target:
+            yield shard_dir / entry.target
+
+
+def partition_keys(context: dg.AssetCheckExecutionContext) -> list[str]:
+    return list(context.op_execution_context.partition_keys)
+
+
+def per_dataset_result(dataset_ids: list[str], problems_of: Callable[[str], list[str]]) -> dg.AssetCheckResult:
+    """One check result for a run's datasets: passed when none has a problem; a bad-input error is a problem."""
+    problems: dict[str, list[str]] = {}
+    for dataset_id in dataset_ids:
+        try:
+            problems[dataset_id] = problems_of(dataset_id)
+        except (DatasetError, OSError) as exc:
+            problems[dataset_id] = [str(exc)]
+    failing = {dataset_id: found for dataset_id, found in problems.items() if found}
+    report = "\n".join(f"- **{dataset_id}**: {problem}" for dataset_id, found in failing.items() for problem in found)
+    return dg.AssetCheckResult(
+        passed=not failing,
+        description=report.splitlines()[0] if failing else None,
+        metadata={
+            "datasets": dataset_ids,
+            "failing_datasets": sorted(failing),
+            "problems": dg.MetadataValue.md(report or "none"),
+        },
+    )
