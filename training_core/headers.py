@@ -452,11 +452,18 @@ def read_blocks(src: rasterio.DatasetReader) -> Iterator[tuple[Window, np.ndarra
             raise DatasetError(f"{src.name}: cannot read pixels (truncated or corrupt TIFF?): {cause}") from None
 
 
+def distinct_values(block: np.ndarray) -> set[int]:
+    """Distinct pixel values; bincount for small unsigned ints is ~10x faster than np.unique on masks."""
+    if block.dtype in (np.uint8, np.uint16):
+        return set(np.flatnonzero(np.bincount(block.ravel())).tolist())
+    return {int(v) for v in np.unique(block)}
+
+
 def label_values_of(blocks: Iterator[tuple[Window, np.ndarray]]) -> tuple[int, ...]:
     found: set[int] = set()
     for _, block in blocks:
-        found.update(np.unique(block).tolist())
-    return tuple(sorted(int(v) for v in found))
+        found |= distinct_values(block)
+    return tuple(sorted(found))
 
 
 def check_label_values(path: Path, values: Sequence[int], modality: Modality) -> None:

@@ -28,11 +28,11 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import numpy as np
 import rasterio
 
 from training_core.headers import (
@@ -49,6 +49,7 @@ from training_core.headers import (
     dataset_content_hash,
     discover_datasets,
     discover_items,
+    distinct_values,
     dump_header,
     header_from_dict,
     header_hash,
@@ -198,7 +199,7 @@ def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, shard
         for window, block in read_blocks(src):
             out.write(block, window=window)
             if modality.role == "target":
-                values.update(int(v) for v in np.unique(block))
+                values |= distinct_values(block)
     return values
 
 
@@ -319,49 +320,55 @@ def build_shards(
     started = time.perf_counter()
     processed_root = Path(processed_root)
     plan = plan_shards(extracted_root, dataset_id, seed=seed, shard_size=shard_size)
-    data_version = dataset_content_hash(plan.dataset_dir)
-    key = build_key(plan, data_version)
     processed_root.mkdir(parents=True, exist_ok=True)
     _recover(processed_root, dataset_id)
     final = processed_root / dataset_id
-    if final.exists() and not overwrite:
-        existing = _read_manifest_file(final / MANIFEST_FILENAME)
-        if existing.get("build_key") != key:
-            raise DatasetError(
-                f"{final}: exists and was built from other data or settings (build_key differs); "
-                "pass overwrite=True (--overwrite) to replace it"
-            )
-        return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
-
-    out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
-    out_dir.mkdir()
-    try:
-        header, facts, shard_names = _write_shards(plan, out_dir, workers)
-        manifest = {
-            "layout_version": LAYOUT_VERSION,
-            "dataset_id": dataset_id,
-            "seed": header.splits.seed,
-            "shard_size": header.sharding.shard_size,
-            "header_hash": header_hash(header),
-            "data_version": data_version,
-            "build_key": key,
-            "counts": plan.counts,
-            "n_items": len(plan.items),
-            "n_labeled": sum(item.labeled for item in plan.items),
-            "shards": shard_names,
-            "label_values": sorted({v for f in facts for v in f.label_values}),
-            "crs": sorted({f.input.crs for f in facts if f.input.crs is not None}),
-            "bytes_written": sum(f.bytes_written for f in facts),
-            "pinned": plan.pinned,
-        }
-        dump_header(header, out_dir / HEADER_FILENAME)
-        # The manifest is written last: a folder with a manifest is a complete build.
-        (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_in(out_dir, final)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    with ThreadPoolExecutor(1) as hasher:
+        # Hashing reads every source byte; it overlaps with the tile writers (hashlib releases the GIL).
+        data_version = hasher.submit(dataset_content_hash, plan.dataset_dir)
+        if final.exists() and not overwrite:
+            existing = _read_manifest_file(final / MANIFEST_FILENAME)
+            if existing.get("build_key") != build_key(plan, data_version.result()):
+                raise DatasetError(
+                    f"{final}: exists and was built from other data or settings (build_key differs); "
+                    "pass overwrite=True (--overwrite) to replace it"
+                )
+            return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
+        out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
+        out_dir.mkdir()
+        try:
+            header, facts, shard_names = _write_shards(plan, out_dir, workers)
+            manifest = _manifest(plan, header, facts, shard_names, data_version.result())
+            dump_header(header, out_dir / HEADER_FILENAME)
+            # The manifest is written last: a folder with a manifest is a complete build.
+            (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _swap_in(out_dir, final)
+        except BaseException:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     return _report(manifest, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=False)
+
+
+def _manifest(
+    plan: ShardPlan, header: DatasetHeader, facts: list[ItemFacts], shard_names: dict, data_version: str
+) -> dict:
+    return {
+        "layout_version": LAYOUT_VERSION,
+        "dataset_id": header.dataset_id,
+        "seed": header.splits.seed,
+        "shard_size": header.sharding.shard_size,
+        "header_hash": header_hash(header),
+        "data_version": data_version,
+        "build_key": build_key(plan, data_version),
+        "counts": plan.counts,
+        "n_items": len(plan.items),
+        "n_labeled": sum(item.labeled for item in plan.items),
+        "shards": shard_names,
+        "label_values": sorted({v for f in facts for v in f.label_values}),
+        "crs": sorted({f.input.crs for f in facts if f.input.crs is not None}),
+        "bytes_written": sum(f.bytes_written for f in facts),
+        "pinned": plan.pinned,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -1,0 +1,199 @@
+"""Dataset header v0: schema, YAML round trip, inference from the sample data, committed headers, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from training_core.headers import (
+    HEADER_FILENAME,
+    DatasetError,
+    DatasetHeader,
+    dataset_content_hash,
+    discover_datasets,
+    discover_items,
+    dump_header,
+    extract_header,
+    header_hash,
+    header_to_yaml,
+    load_header,
+    main,
+    validate_dataset,
+)
+
+DESIGN_FIELDS = {
+    "top": {
+        "dataset_id",
+        "version",
+        "description",
+        "source_root",
+        "modalities",
+        "pairing",
+        "splits",
+        "sharding",
+        "validation_metrics",
+    },
+    "modality": {"name", "role", "kind", "pattern", "channels", "dtype", "nodata", "georef_required", "label_values"},
+    "pairing": {"strategy", "input_modality", "target_modality"},
+    "splits": {
+        "raw",
+        "seed",
+        "labeled_policy",
+        "train_metric_fraction_of_labeled",
+        "ratios",
+        "manifest_files",
+        "preserve_raw_split",
+    },
+    "sharding": {"shard_size", "layout_version", "copy_mode", "force_uncompressed_tiff"},
+    "validation_metrics": {"iou_ignore_label_leq", "iou_average"},
+}
+
+
+def test_header_has_every_design_field(sample_extracted: Path) -> None:
+    data = extract_header(sample_extracted / "kampala_buildings").model_dump()
+    assert DESIGN_FIELDS["top"] <= data.keys()
+    assert DESIGN_FIELDS["modality"] <= data["modalities"][0].keys()
+    for section in ("pairing", "splits", "sharding", "validation_metrics"):
+        assert DESIGN_FIELDS[section] <= data[section].keys(), section
+    assert data["splits"]["train_metric_fraction_of_labeled"] == 0.25
+    assert data["validation_metrics"] == {"iou_ignore_label_leq": 0, "iou_average": "macro_over_present_labels"}
+
+
+def test_inferred_header_of_kampala(sample_extracted: Path) -> None:
+    header = extract_header(sample_extracted / "kampala_buildings")
+    rgb, labels = header.input, header.target
+    assert (header.dataset_id, header.version, header.pairing.strategy) == ("kampala_buildings", 0, "by_stem")
+    assert (rgb.name, rgb.role, rgb.pattern, rgb.channels, rgb.dtype) == ("rgb", "input", "images/*.tif", 3, "uint8")
+    assert rgb.crs == ["EPSG:3857"] and rgb.georef_required
+    assert (labels.name, labels.role, labels.pattern, labels.channels) == ("labels", "target", "masks/*.tif", 1)
+    assert labels.label_values == [0, 1, 2]
+    assert header.splits.raw == [] and header.splits.seed == 42
+
+
+def test_inferred_header_of_unlabeled_scenes(sample_extracted: Path) -> None:
+    header = extract_header(sample_extracted / "unlabeled_scenes")
+    assert header.target is None and header.pairing.target_modality is None
+    assert header.input.crs == ["EPSG:32617", "EPSG:32618", "EPSG:4326"]
+    assert header.input.nodata is None  # 255, 0 and 255: no single value; each tile keeps its own
+
+
+def test_discover_items_pairs_by_stem(sample_extracted: Path) -> None:
+    header = extract_header(sample_extracted / "kampala_buildings")
+    items = discover_items(sample_extracted / "kampala_buildings", header)
+    assert len(items) == 48 and sum(item.labeled for item in items) == 16
+    assert [item.item_id for item in items] == sorted(item.item_id for item in items)
+    labeled = next(item for item in items if item.labeled)
+    assert labeled.target_path.name == labeled.input_path.name and labeled.target_path.parent.name == "masks"
+
+
+def test_yaml_round_trip_and_hash(sample_extracted: Path, tmp_path: Path) -> None:
+    header = extract_header(sample_extracted / "new_brunswick_landcover")
+    path = dump_header(header, tmp_path / "h" / HEADER_FILENAME)
+    assert load_header(path) == header
+    assert yaml.safe_load(header_to_yaml(header))["modalities"][1]["label_values"] == [1, 2, 3, 4, 5, 6]
+    assert header_hash(load_header(path)) == header_hash(header)
+    changed = header.model_copy(update={"description": "other"})
+    assert header_hash(changed) != header_hash(header)
+    assert [p.name for p in path.parent.iterdir()] == [HEADER_FILENAME]  # no temp file left
+
+
+def test_committed_header_is_authoritative(kampala_copy: Path) -> None:
+    dataset = kampala_copy / "kampala_buildings"
+    inferred = extract_header(dataset)
+    committed = inferred.model_copy(update={"description": "curated by hand"})
+    committed.splits.seed = 7
+    dump_header(committed, dataset / HEADER_FILENAME)
+    assert extract_header(dataset) == committed
+    assert len(validate_dataset(dataset, committed, workers=1)) == 48
+
+
+def test_committed_header_is_validated_against_files(kampala_copy: Path) -> None:
+    dataset = kampala_copy / "kampala_buildings"
+    header = extract_header(dataset)
+    header.target.label_values = [0, 1]
+    dump_header(header, dataset / HEADER_FILENAME)
+    with pytest.raises(DatasetError, match=r"masks/OAM-.*\.tif: modality 'labels' label_values: holds \[2\]"):
+        validate_dataset(dataset, extract_header(dataset), workers=1)
+
+
+def test_committed_header_must_name_its_folder(kampala_copy: Path) -> None:
+    dataset = kampala_copy / "kampala_buildings"
+    dump_header(extract_header(dataset).model_copy(update={"dataset_id": "elsewhere"}), dataset / HEADER_FILENAME)
+    with pytest.raises(DatasetError, match=rf"{HEADER_FILENAME}: dataset_id: is 'elsewhere'"):
+        extract_header(dataset)
+
+
+def test_raw_split_folders(tmp_path: Path, write_tif) -> None:
+    dataset = tmp_path / "raw"
+    rgb, mask = np.zeros((3, 8, 8), np.uint8), np.ones((1, 8, 8), np.uint8)
+    for split, stem in (("train", "a"), ("train", "b"), ("test", "c")):
+        write_tif(dataset / "images" / split / f"{stem}.tif", rgb)
+        write_tif(dataset / "masks" / split / f"{stem}.tif", mask)
+    header = extract_header(dataset)
+    assert header.input.pattern == "images/{split}/*.tif" and header.splits.raw == ["test", "train"]
+    items = discover_items(dataset, header)
+    assert [(i.item_id, i.raw_split, i.labeled) for i in items] == [
+        ("a", "train", True),
+        ("b", "train", True),
+        ("c", "test", True),
+    ]
+
+
+def test_patterns_stay_in_one_segment_and_ignore_case(tmp_path: Path, write_tif) -> None:
+    dataset = tmp_path / "case"
+    write_tif(dataset / "images" / "A.TIF", np.zeros((3, 8, 8), np.uint8))
+    write_tif(dataset / "images" / "deeper" / "b.tif", np.zeros((3, 8, 8), np.uint8))
+    header = DatasetHeader.model_validate(
+        {
+            "dataset_id": "case",
+            "version": 0,
+            "modalities": [{"name": "rgb", "role": "input", "pattern": "images/*.tif"}],
+            "pairing": {"input_modality": "rgb"},
+        }
+    )
+    assert [item.item_id for item in discover_items(dataset, header)] == ["A"]
+
+
+def test_discover_datasets_sorted_without_hidden(tmp_path: Path) -> None:
+    for name in ("b", "a", ".cache"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert discover_datasets(tmp_path) == ["a", "b"]
+
+
+def test_content_hash_follows_paths_and_bytes(kampala_copy: Path, tmp_path: Path) -> None:
+    dataset = kampala_copy / "kampala_buildings"
+    before = dataset_content_hash(dataset)
+    moved = Path(shutil.copytree(dataset, tmp_path / "elsewhere" / "kampala_buildings"))
+    assert dataset_content_hash(moved) == before  # location does not matter
+    tile = sorted((dataset / "images").iterdir())[0]
+    tile.rename(tile.with_name("renamed.tif"))
+    renamed = dataset_content_hash(dataset)
+    assert renamed != before
+    data = bytearray(tile.with_name("renamed.tif").read_bytes())
+    data[-1] ^= 1
+    tile.with_name("renamed.tif").write_bytes(bytes(data))
+    assert dataset_content_hash(dataset) not in (before, renamed)
+
+
+def test_cli_writes_headers_and_dry_run_writes_nothing(sample_extracted: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "headers"
+    assert main(["--extracted-root", str(sample_extracted), "--dry-run", "--out", str(out), "--workers", "1"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["dataset_id"] for line in lines] == discover_datasets(sample_extracted)
+    assert not out.exists()
+    args = ["--extracted-root", str(sample_extracted), "--dataset-id", "quebec_buildings", "--out", str(out)]
+    assert main([*args, "--workers", "1"]) == 0
+    written = load_header(out / "quebec_buildings" / HEADER_FILENAME)
+    assert written == extract_header(sample_extracted / "quebec_buildings")
+
+
+def test_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
+    (tmp_path / "broken" / "images").mkdir(parents=True)
+    assert main(["--extracted-root", str(tmp_path)]) == 2
+    assert "empty dataset" in capsys.readouterr().err
