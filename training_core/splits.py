@@ -79,6 +79,7 @@ def _split_labeled(ranked: Sequence[str], header: DatasetHeader) -> dict[str, st
 def read_pinned_splits(dataset_dir: str | Path, header: DatasetHeader) -> dict[str, str]:
     """item id -> split from the header's manifest_files (empty without them)."""
     pinned: dict[str, str] = {}
+    pinned_at: dict[str, str] = {}
     for split, rel in (header.splits.manifest_files or {}).items():
         path = Path(dataset_dir) / rel
         try:
@@ -90,8 +91,12 @@ def read_pinned_splits(dataset_dir: str | Path, header: DatasetHeader) -> dict[s
             if not item_id:
                 continue
             if item_id in pinned:
-                raise DatasetError(f"{path}:{number}: item {item_id!r} is already pinned to {pinned[item_id]!r}")
+                raise DatasetError(
+                    f"{path}:{number}: item {item_id!r} is already pinned to {pinned[item_id]!r} "
+                    f"by {pinned_at[item_id]}"
+                )
             pinned[item_id] = split
+            pinned_at[item_id] = f"{path}:{number}"
     return pinned
 
 
