@@ -1,0 +1,178 @@
+"""Evaluation end to end: mapping fitted on metrics_train only, baseline beside the model, CLI and picture."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from training_core.checkpoint import save_checkpoint
+from training_core.config import ModelConfig, TrainConfig
+from training_core.eval import (
+    BASELINE,
+    MODEL,
+    LabeledTile,
+    baseline_predict_fn,
+    evaluate_checkpoint,
+    evaluate_tiles,
+    main,
+    read_tile,
+    render_comparison,
+    torch_predict_fn,
+)
+from training_core.model import SegmentationModel
+from training_core.shards import build_shards
+
+SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
+
+
+def _tile(index: int, label: np.ndarray) -> LabeledTile:
+    """A tile whose red channel carries its index, so a fake predictor can look its answer up."""
+    rgb = np.full((3, *label.shape), index, np.uint8)
+    return LabeledTile(f"t{index}", rgb, label)
+
+
+def _lookup_predictor(predictions: dict[int, np.ndarray]):
+    def predict(rgb: np.ndarray, k: int) -> np.ndarray:
+        return predictions[int(rgb[0, 0, 0])]
+
+    return predict
+
+
+def test_mapping_is_fitted_on_metrics_train_never_on_val() -> None:
+    label = np.array([[1, 1, 2, 2]], np.uint8)
+    fit = [_tile(0, label)]
+    val = [_tile(1, label)]
+    # metrics_train says cluster 0 = class 1; on val the clusters are swapped.
+    predictor = _lookup_predictor({0: np.array([[0, 0, 1, 1]]), 1: np.array([[1, 1, 0, 0]])})
+    report = evaluate_tiles({MODEL: predictor}, fit, val, k=2, n_classes=2)
+    assert report.mapping_fitted_on == "metrics_train"
+    assert report.methods[MODEL].hungarian.cluster_to_class == [1, 2]
+    assert report.val_miou == 0.0 and report.methods[MODEL].majority.miou == 0.0
+    # The fallback: nothing labeled in metrics_train -> fit on val, and say so.
+    unlabeled_fit = [_tile(0, np.zeros_like(label))]
+    fallback = evaluate_tiles({MODEL: predictor}, unlabeled_fit, val, k=2, n_classes=2)
+    assert fallback.mapping_fitted_on == "val" and fallback.val_miou == 1.0
+
+
+def test_all_ignored_val_tiles_give_no_scores_but_proxies() -> None:
+    zeros = np.zeros((4, 4), np.uint8)
+    predictor = _lookup_predictor({0: np.zeros((4, 4), np.uint8), 1: np.eye(4, dtype=np.uint8)})
+    report = evaluate_tiles({MODEL: predictor}, [_tile(0, zeros + 1)], [_tile(1, zeros)], k=2, n_classes=1)
+    assert report.mapping_fitted_on is None and report.val_miou is None
+    assert report.methods[MODEL].proxies["utilisation"] == 1.0
+    assert report.to_dict()["model_beats_baseline"] is None
+
+
+def _small_model(seed: int = 0) -> tuple[SegmentationModel, TrainConfig]:
+    torch.manual_seed(seed)
+    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8))
+    return SegmentationModel(config.model).eval(), config
+
+
+def test_real_tiles_model_and_baseline_side_by_side(tmp_path: Path) -> None:
+    names = ["OAM-1238448-1046532-21", "OAM-1238449-1046533-21", "OAM-1238450-1046534-21"]
+    tiles = [
+        read_tile(
+            n, SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif", SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif"
+        )
+        for n in names
+    ]
+    model, _ = _small_model()
+    report = evaluate_tiles(
+        {MODEL: torch_predict_fn(model), BASELINE: baseline_predict_fn(0)}, tiles[:1], tiles[1:], k=2, n_classes=2
+    )
+    labeled_val_pixels = sum(int((t.label > 0).sum()) for t in tiles[1:])
+    for name in (MODEL, BASELINE):
+        hungarian = report.methods[name].hungarian
+        assert hungarian.n_pixels == labeled_val_pixels
+        assert 0.0 <= hungarian.miou <= 1.0 and set(hungarian.per_class_iou) == {"1", "2"}
+        assert report.methods[name].majority.k == 2
+        assert set(report.methods[name].proxies) == {
+            "utilisation",
+            "usage_entropy",
+            "speckle",
+            "boundary_density",
+            "view_consistency",
+        }
+    payload = json.loads(json.dumps(report.to_dict()))
+    assert payload["val_miou"] == report.val_miou and payload["baseline_miou"] == report.miou(BASELINE)
+    assert (report.n_fit_tiles, report.n_eval_tiles, len(report.samples)) == (1, 2, 2)
+    picture = render_comparison(report, tmp_path / "pics" / "val.png")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in picture.parent.iterdir()] == ["val.png"]
+
+
+def test_read_tile_ignores_labels_under_input_nodata(tmp_path: Path) -> None:
+    profile = {
+        "driver": "GTiff",
+        "height": 4,
+        "width": 4,
+        "dtype": "uint8",
+        "crs": "EPSG:3857",
+        "transform": Affine(1, 0, 0, 0, -1, 4),
+    }
+    rgb = np.full((3, 4, 4), 50, np.uint8)
+    rgb[:, 0, :] = 0  # the first row is nodata
+    with rasterio.open(tmp_path / "in.tif", "w", count=3, nodata=0, **profile) as dst:
+        dst.write(rgb)
+    with rasterio.open(tmp_path / "mask.tif", "w", count=1, **profile) as dst:
+        dst.write(np.full((1, 4, 4), 2, np.uint8))
+    tile = read_tile("x", tmp_path / "in.tif", tmp_path / "mask.tif")
+    assert (tile.label[0] == 0).all() and (tile.label[1:] == 2).all()
+
+
+@pytest.fixture(scope="module")
+def quebec_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    processed = tmp_path_factory.mktemp("processed")
+    build_shards(SAMPLE_ROOT, processed, "quebec_buildings")
+    return processed
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, config = _small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    return save_checkpoint(path, model=model, optimizer=optimizer, step=3, config=config)
+
+
+def test_evaluate_checkpoint_on_shards(quebec_shards: Path, checkpoint: Path) -> None:
+    report = evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings")
+    assert report.k == 2 and report.mapping_fitted_on == "metrics_train"
+    assert (report.n_fit_tiles, report.n_eval_tiles) == (1, 1)
+    assert report.checkpoint_step == 3 and report.data_version
+    assert report.methods[MODEL].hungarian.n_pixels == 512 * 512
+    with pytest.raises(ValueError, match="max_k"):
+        evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings", k=9)
+
+
+def test_cli_shards_report_to_stdout_and_file(quebec_shards: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "report.json"
+    argv = ["--data-source", "shards", "--processed-root", str(quebec_shards), "--dataset-id", "quebec_buildings"]
+    assert main([*argv, "--checkpoint", str(checkpoint), "--k", "3", "--output", str(output)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(output.read_text())
+    assert printed["k"] == 3 and printed["dataset_id"] == "quebec_buildings"
+    assert printed["val_miou"] is not None and printed["baseline_miou"] is not None
+
+
+def test_cli_requires_shard_arguments() -> None:
+    with pytest.raises(SystemExit, match="--processed-root"):
+        main(["--data-source", "shards", "--dataset-id", "x"])
+
+
+def test_cli_synthetic_proxies(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "synthetic.json"
+    argv = ["--synthetic", "--seed", "7", "--n-tiles", "2", "--tile-size", "64", "--output", str(output)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == json.loads(output.read_text())
+    assert report["mapping_fitted_on"] is None and report["n_eval_tiles"] == 2
+    assert report["methods"][MODEL]["proxies"]["utilisation"] > 0
+    assert report["methods"][BASELINE]["proxies"]["view_consistency"] > 0
