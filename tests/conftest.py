@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 
 SAMPLE_EXTRACTED = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
 
@@ -56,8 +58,10 @@ def write_geotiff(
         profile |= {"crs": crs, "transform": Affine(10, 0, 500_000, 0, -10, 4_000_000)}
     if compress is not None:
         profile["compress"] = compress
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # crs=None is asked for
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(pixels)
     return path
 
 
