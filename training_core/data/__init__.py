@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from training_core.config import DataConfig
 from training_core.data.patches import GridPatchSampler, PatchDataset, RandomPatchSampler, unlabeled_rasters
+from training_core.data.sharded import ShardDataset
 from training_core.data.synthetic import SyntheticTiles
 
 __all__ = ["build_loader", "set_loader_epoch"]
@@ -44,8 +45,6 @@ def build_loader(data_cfg: DataConfig, batch_size: int, seed: int, rank: int = 0
     else:
         if data_cfg.processed_root is None:
             raise ValueError("data.processed_root: required when source is 'shards'")
-        from training_core.data.sharded import ShardDataset  # here until training_core.shards lands
-
         dataset = ShardDataset(
             data_cfg.processed_root,
             data_cfg.dataset_ids,

@@ -19,7 +19,7 @@ The helpers ``read_tile`` / ``pad_tile`` / ``crop_sample`` are shared with the s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,8 @@ import torch
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
+
+from training_core.headers import DatasetError
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -57,16 +59,28 @@ def _read_valid(src: rasterio.DatasetReader, window: Window | None) -> np.ndarra
     return src.dataset_mask(window=window) > 0
 
 
-def read_tile(input_path: str | Path, target_path: str | Path | None = None, window: Window | None = None) -> Tile:
-    """Read the RGB bands (and the target's first band) of a window, or of the whole raster.
+def patch_window(row: int, col: int, height: int, width: int, patch_size: int) -> Window:
+    """The part of the ``patch_size`` square at (row, col) that lies inside a height x width raster."""
+    return Window(col, row, min(patch_size, width - col), min(patch_size, height - row))
 
-    Raises ValueError naming the file when the input is not 3+ band uint8 or the target's size differs.
+
+def read_tile(
+    input_path: str | Path,
+    target_path: str | Path | None = None,
+    choose_window: Callable[[int, int], Window] | None = None,
+) -> Tile:
+    """Read the RGB bands (and the target's first band) of the whole raster, or of one window of it.
+
+    ``choose_window(height, width)`` picks the window once the open raster's size is known, so a
+    random crop costs one open and reads only its own pixels. Raises DatasetError naming the file when
+    the input is not 3+ band uint8 or the target's size differs.
     """
     with rasterio.open(input_path) as src:
         if src.count < 3:
-            raise ValueError(f"{input_path}: band count {src.count}: an RGB input needs at least 3 bands")
+            raise DatasetError(f"{input_path}: band count {src.count}: an RGB input needs at least 3 bands")
         if src.dtypes[0] != "uint8":
-            raise ValueError(f"{input_path}: dtype {src.dtypes[0]}: an RGB input must be uint8")
+            raise DatasetError(f"{input_path}: dtype {src.dtypes[0]}: an RGB input must be uint8")
+        window = None if choose_window is None else choose_window(src.height, src.width)
         image = src.read((1, 2, 3), window=window)
         valid = _read_valid(src, window)
         input_shape = (src.height, src.width)
@@ -74,7 +88,7 @@ def read_tile(input_path: str | Path, target_path: str | Path | None = None, win
     if target_path is not None:
         with rasterio.open(target_path) as tgt:
             if (tgt.height, tgt.width) != input_shape:
-                raise ValueError(
+                raise DatasetError(
                     f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
                     f"({input_shape[0]}x{input_shape[1]})"
                 )
@@ -108,14 +122,12 @@ def crop_sample(tile: Tile, row: int, col: int, patch_size: int, item_id: str) -
     image = tile.image[:, rows, cols]
     if image.shape[1:] != (patch_size, patch_size):
         raise ValueError(f"{item_id}: patch at ({row}, {col}) leaves the {tile.height}x{tile.width} tile")
+    # numpy, not torch: torch would spread this small op over its intra-op threads, whose spinning
+    # competes with the reader (and the trainer) for the cores; dividing keeps the values exactly uint8 / 255.
+    valid = np.ones((patch_size, patch_size), dtype=bool) if tile.valid is None else tile.valid[rows, cols].copy()
     sample = {
-        # Division (not multiplication by 1/255) so the values are exactly uint8 / 255.
-        "image": torch.from_numpy(image).to(torch.float32).div_(255.0),
-        "valid": (
-            torch.ones((patch_size, patch_size), dtype=torch.bool)
-            if tile.valid is None
-            else torch.from_numpy(tile.valid[rows, cols].copy())
-        ),
+        "image": torch.from_numpy(np.divide(image, np.float32(255.0), dtype=np.float32)),
+        "valid": torch.from_numpy(valid),
         "item_id": item_id,
     }
     if tile.target is not None:
@@ -141,7 +153,7 @@ class GeoRaster:
         if target_path is not None:
             with rasterio.open(target_path) as tgt:
                 if (tgt.height, tgt.width) != (height, width):
-                    raise ValueError(
+                    raise DatasetError(
                         f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
                         f"({height}x{width})"
                     )
@@ -165,12 +177,12 @@ def find_geotiffs(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in GEOTIFF_SUFFIXES)
             if not files:
-                raise ValueError(f"{path}: geo_paths folder holds no GeoTIFF (*.tif, *.tiff) at its top level")
+                raise DatasetError(f"{path}: geo_paths folder holds no GeoTIFF (*.tif, *.tiff) at its top level")
             found.extend(files)
         elif path.is_file():
             found.append(path)
         else:
-            raise ValueError(f"{path}: geo_paths entry does not exist")
+            raise DatasetError(f"{path}: geo_paths entry does not exist")
     return found
 
 
@@ -202,13 +214,8 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, location: PatchLocation) -> dict:
         raster = self.rasters[location.raster]
-        window = Window(
-            location.col,
-            location.row,
-            min(self.patch_size, raster.width - location.col),
-            min(self.patch_size, raster.height - location.row),
-        )
-        tile = pad_tile(read_tile(raster.input_path, raster.target_path, window), self.patch_size)
+        window = patch_window(location.row, location.col, raster.height, raster.width, self.patch_size)
+        tile = pad_tile(read_tile(raster.input_path, raster.target_path, lambda _h, _w: window), self.patch_size)
         item_id = f"{raster.item_id}@{location.row},{location.col}"
         return crop_sample(tile, 0, 0, self.patch_size, item_id)
 
