@@ -28,7 +28,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -41,6 +40,7 @@ from training_core.headers import (
     DatasetHeader,
     DatasetItem,
     ItemFacts,
+    ItemPool,
     Modality,
     Sharding,
     check_consistency,
@@ -56,7 +56,6 @@ from training_core.headers import (
     layout_header,
     load_committed_header,
     load_header,
-    map_items,
     open_item,
     read_blocks,
 )
@@ -217,7 +216,7 @@ def _write_item(task: _TileTask, header: DatasetHeader) -> ItemFacts:
     return ItemFacts(item.item_id, opened.input_facts, opened.target_facts, labels, size)
 
 
-def _write_shards(plan: ShardPlan, out_dir: Path, workers: int | None) -> tuple[DatasetHeader, list[ItemFacts], dict]:
+def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[DatasetHeader, list[ItemFacts], dict]:
     """Write every tile and index into out_dir; returns the completed header, the facts and the shard names."""
     tasks: list[_TileTask] = []
     entries: dict[Path, list[IndexEntry]] = {}
@@ -232,9 +231,9 @@ def _write_shards(plan: ShardPlan, out_dir: Path, workers: int | None) -> tuple[
             shard_names[split].append(f"{split}/{shard_name(number)}")
             tasks += [_TileTask(item, shard_dir) for item in members]
             entries[shard_dir] = [_index_entry(plan.header.dataset_id, item, split) for item in members]
-    facts = map_items(partial(_write_item, header=plan.header), tasks, workers)
+    facts = pool.map(partial(_write_item, header=plan.header), tasks)
+    check_consistency(facts)
     header = plan.header if plan.header_committed else complete_header(plan.header, facts)
-    check_consistency(facts, header)
     for shard_dir, shard_entries in entries.items():
         (shard_dir / INDEX_FILENAME).write_text("".join(entry.to_json() + "\n" for entry in shard_entries))
     return header, facts, shard_names
@@ -323,29 +322,29 @@ def build_shards(
     processed_root.mkdir(parents=True, exist_ok=True)
     _recover(processed_root, dataset_id)
     final = processed_root / dataset_id
-    with ThreadPoolExecutor(1) as hasher:
-        # Hashing reads every source byte; it overlaps with the tile writers (hashlib releases the GIL).
-        data_version = hasher.submit(dataset_content_hash, plan.dataset_dir)
-        if final.exists() and not overwrite:
-            existing = _read_manifest_file(final / MANIFEST_FILENAME)
-            if existing.get("build_key") != build_key(plan, data_version.result()):
-                raise DatasetError(
-                    f"{final}: exists and was built from other data or settings (build_key differs); "
-                    "pass overwrite=True (--overwrite) to replace it"
-                )
-            return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
-        out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
-        out_dir.mkdir()
-        try:
-            header, facts, shard_names = _write_shards(plan, out_dir, workers)
+    if final.exists() and not overwrite:
+        existing = _read_manifest_file(final / MANIFEST_FILENAME)
+        if existing.get("build_key") != build_key(plan, dataset_content_hash(plan.dataset_dir)):
+            raise DatasetError(
+                f"{final}: exists and was built from other data or settings (build_key differs); "
+                "pass overwrite=True (--overwrite) to replace it"
+            )
+        return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
+    out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
+    out_dir.mkdir()
+    try:
+        with ItemPool(workers, len(plan.items)) as pool:
+            # The content hash reads every source byte: one worker does it beside the tile writers.
+            data_version = pool.submit(dataset_content_hash, plan.dataset_dir)
+            header, facts, shard_names = _write_shards(plan, out_dir, pool)
             manifest = _manifest(plan, header, facts, shard_names, data_version.result())
-            dump_header(header, out_dir / HEADER_FILENAME)
-            # The manifest is written last: a folder with a manifest is a complete build.
-            (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            _swap_in(out_dir, final)
-        except BaseException:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+        dump_header(header, out_dir / HEADER_FILENAME)
+        # The manifest is written last: a folder with a manifest is a complete build.
+        (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_in(out_dir, final)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return _report(manifest, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=False)
 
 

@@ -23,6 +23,7 @@ from training_core.headers import (
     header_to_yaml,
     load_header,
     main,
+    scan_dataset,
     validate_dataset,
 )
 
@@ -117,8 +118,18 @@ def test_committed_header_is_validated_against_files(kampala_copy: Path) -> None
     header = extract_header(dataset)
     header.target.label_values = [0, 1]
     dump_header(header, dataset / HEADER_FILENAME)
-    with pytest.raises(DatasetError, match=r"masks/OAM-.*\.tif: modality 'labels' label_values: holds \[2\]"):
-        validate_dataset(dataset, extract_header(dataset), workers=1)
+    problem = r"masks/OAM-.*\.tif: modality 'labels' label_values: holds \[2\], not in \[0, 1\]"
+    with pytest.raises(DatasetError, match=problem):
+        extract_header(dataset, workers=1)
+    with pytest.raises(DatasetError, match=problem):
+        validate_dataset(dataset, header)
+
+
+def test_scan_reports_what_the_files_hold(sample_extracted: Path) -> None:
+    scan = scan_dataset(sample_extracted / "new_brunswick_landcover")
+    assert not scan.committed and len(scan.items) == len(scan.facts) == 2
+    assert scan.label_values == [1, 2, 3, 4, 5, 6] and scan.crs == ["EPSG:2953"]
+    assert [(f.input.width, f.input.height) for f in scan.facts] == [(280, 341), (326, 482)]
 
 
 def test_committed_header_must_name_its_folder(kampala_copy: Path) -> None:
