@@ -59,24 +59,20 @@ def list_shards(processed_root: str | Path, dataset_ids: Sequence[str], split: s
     A dataset without a finished build is an error (from the shard reader), not an empty list.
     """
     shards: dict[Path, list[ShardItem]] = {}
+    count = 0
     for dataset_id in dataset_ids:
         read_manifest(processed_root, dataset_id)
         for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-            items = shards.setdefault(shard_dir, [])
-            items.append(
+            shards.setdefault(shard_dir, []).append(
                 ShardItem(
-                    index=-1,
+                    index=count,
                     item_id=f"{dataset_id}/{entry.item_id}",
                     input_path=shard_dir / entry.input,
-                    target_path=shard_dir / entry.target if entry.has_target else None,
+                    target_path=shard_dir / entry.target if entry.target is not None else None,
                 )
             )
-    numbered: list[list[ShardItem]] = []
-    count = 0
-    for items in shards.values():
-        numbered.append([ShardItem(count + i, it.item_id, it.input_path, it.target_path) for i, it in enumerate(items)])
-        count += len(items)
-    return numbered
+            count += 1
+    return list(shards.values())
 
 
 def keep_subset(shards: list[list[ShardItem]], max_samples: int, seed: int) -> list[list[ShardItem]]:
