@@ -594,8 +594,7 @@ def layout_header(dataset_dir: str | Path, dataset_id: str | None = None) -> Dat
 
 
 def complete_header(layout: DatasetHeader, facts: Sequence[ItemFacts]) -> DatasetHeader:
-    """Fill dtype, CRS, nodata, georef_required and label values from the scanned files."""
-    check_consistency(facts)
+    """Fill dtype, CRS, nodata, georef_required and label values from the scanned (consistent) files."""
     updates = {}
     for modality, role in ((layout.input, "input"), (layout.target, "target")):
         files = [getattr(f, role) for f in facts if getattr(f, role) is not None]

@@ -11,8 +11,9 @@
 Tiles are uncompressed GeoTIFFs (unless the header says otherwise) keeping CRS, transform and nodata.
 Items are written in parallel into a hidden sibling ``.<dataset_id>.building-*``; the manifest is written
 last, then the folder is swapped in: the previous one is renamed aside, the new one renamed in, the old one
-deleted. A crash at any point leaves a complete old or new folder; the next build puts an aside folder
-back if the crash hit between the two renames, and removes leftovers of dead builds. Builds of one dataset
+deleted. A crash at any point leaves a complete old or new folder: if it hits between the two renames the
+old one waits aside and the next build puts it back before anything else; leftovers of dead builds are
+removed then too. Builds of one dataset
 must not run concurrently (Dagster runs one per partition). The manifest holds no timestamps, so a rebuild
 of the same data and settings is byte-identical.
 """
@@ -113,6 +114,8 @@ class ShardPlan:
 
 @dataclass
 class ShardBuildReport:
+    """What a build produced (or found up to date: reused); JSON-friendly through to_dict."""
+
     dataset_id: str
     counts: dict[str, int]
     n_items: int
@@ -122,6 +125,7 @@ class ShardBuildReport:
     data_version: str
     header_hash: str
     manifest_path: Path
+    header_path: Path
     label_values: list[int]
     crs: list[str]
     seed: int
@@ -130,7 +134,7 @@ class ShardBuildReport:
     shards: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "manifest_path": str(self.manifest_path)}
+        return {**asdict(self), "manifest_path": str(self.manifest_path), "header_path": str(self.header_path)}
 
 
 def shard_name(index: int) -> str:
@@ -291,6 +295,7 @@ def _report(manifest: dict, manifest_path: Path, elapsed_s: float, reused: bool)
         data_version=manifest["data_version"],
         header_hash=manifest["header_hash"],
         manifest_path=manifest_path,
+        header_path=manifest_path.parent / HEADER_FILENAME,
         label_values=manifest["label_values"],
         crs=manifest["crs"],
         seed=manifest["seed"],

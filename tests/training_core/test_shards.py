@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 
-from training_core.headers import HEADER_FILENAME, DatasetError, extract_header, header_hash
+from training_core.headers import HEADER_FILENAME, DatasetError, dump_header, extract_header, header_hash
 from training_core.shards import (
     INDEX_FILENAME,
     MANIFEST_FILENAME,
@@ -109,6 +110,18 @@ def test_round_trip_keeps_nodata_and_mixed_crs(sample_extracted: Path, tmp_path:
             nodata[entry.item_id] = tile.nodata
     assert nodata == {"OSBS_029": 255.0, "RGB.byte": 0.0, "rmnp-rgb": 255.0}
     assert verify_shards(tmp_path, "unlabeled_scenes") == []
+
+
+def test_committed_header_can_keep_source_compression(sample_extracted: Path, tmp_path: Path) -> None:
+    extracted = tmp_path / "extracted"
+    shutil.copytree(sample_extracted / "quebec_buildings", extracted / "quebec_buildings")
+    header = extract_header(extracted / "quebec_buildings")
+    header.sharding.force_uncompressed_tiff = False
+    dump_header(header, extracted / "quebec_buildings" / HEADER_FILENAME)
+    build_shards(extracted, tmp_path / "processed", "quebec_buildings", workers=1)
+    for shard_dir, entry in iter_split_items(tmp_path / "processed", "quebec_buildings", "val"):
+        with rasterio.open(shard_dir / entry.input) as tile:
+            assert tile.compression == rasterio.enums.Compression.deflate
 
 
 def test_verify_accepts_a_fresh_build(kampala_built) -> None:
