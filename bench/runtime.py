@@ -1,0 +1,130 @@
+"""Numpy runtime vs torch, and a 4096 x 4096 raster through ``segment``; prints one JSON line.
+
+1. One real 512 x 512 tile (quebec_buildings/tile_1), K = 8, default model size, batch-norm
+   statistics calibrated on the tile so the folded weights are not trivial: best-of-N seconds of
+   ``RuntimeModel.predict_labels`` and of the torch model's eval forward + arg-max (same weights,
+   same process, same threads), their ratio (target <= 2.0) and label agreement (target >= 99.9%).
+2. A 4096 x 4096 RGB GeoTIFF (the sample scenes mirrored) segmented at K = 8 by
+   ``python -m runtime_export.segment`` in a child process: megapixels/s and the child's peak RSS
+   (target < 1.5 GB).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from affine import Affine
+
+from runtime_export.export import export_model
+from runtime_export.runtime import load_runtime_model
+from training_core.config import TrainConfig
+from training_core.model import SegmentationModel
+
+ROOT = Path(__file__).resolve().parent.parent
+TILE = ROOT / "sample_data/extracted/quebec_buildings/images/tile_1.tif"
+K = 8
+REPEATS = 5
+RASTER_SIDE = 4096
+TARGETS = {"ratio_max": 2.0, "agreement_min": 0.999, "peak_rss_mb_max": 1536}
+
+
+def best_seconds(fn) -> float:
+    fn()  # warm-up: thread pools, allocator
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrated_model(rgb: np.ndarray) -> tuple[SegmentationModel, TrainConfig]:
+    torch.manual_seed(0)
+    config = TrainConfig()
+    model = SegmentationModel(config.model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(rgb).float()[None] / 255.0, K)
+    return model.eval(), config
+
+
+def write_big_raster(path: Path) -> None:
+    with rasterio.open(TILE) as src:
+        tile = src.read([1, 2, 3])
+    reps = -(-RASTER_SIDE // tile.shape[1])
+    mirrored = np.concatenate([tile, tile[:, ::-1]], axis=1)
+    mirrored = np.concatenate([mirrored, mirrored[:, :, ::-1]], axis=2)
+    big = np.tile(mirrored, (1, reps, reps))[:, :RASTER_SIDE, :RASTER_SIDE]
+    profile = {"driver": "GTiff", "width": RASTER_SIDE, "height": RASTER_SIDE, "count": 3, "dtype": "uint8"}
+    with rasterio.open(
+        path, "w", crs="EPSG:3857", transform=Affine(0.5, 0, 0, 0, -0.5, 0), tiled=True, **profile
+    ) as dst:
+        dst.write(np.ascontiguousarray(big))
+
+
+def main() -> None:
+    with rasterio.open(TILE) as src:
+        rgb = src.read([1, 2, 3])
+    model, config = calibrated_model(rgb)
+    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as scratch:
+        scratch = Path(scratch)
+        runtime = load_runtime_model(export_model(model, config, scratch / "model", {}, {}))
+
+        def torch_labels() -> np.ndarray:
+            with torch.inference_mode():
+                probs = model(torch.from_numpy(rgb).float()[None] / 255.0, K).probs
+            return probs[0].argmax(dim=0).numpy()
+
+        numpy_s = best_seconds(lambda: runtime.predict_labels(rgb, K))
+        torch_s = best_seconds(torch_labels)
+        agreement = float((runtime.predict_labels(rgb, K) == torch_labels()).mean())
+
+        raster = scratch / "big.tif"
+        write_big_raster(raster)
+        command = [sys.executable, "-m", "runtime_export.segment", "--model", str(scratch / "model")]
+        command += ["--input", str(raster), "--output", str(scratch / "labels.tif"), "--k", str(K)]
+        child = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+        segment = json.loads(child.stdout)
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+
+    ratio = numpy_s / torch_s
+    print(
+        json.dumps(
+            {
+                "bench": "runtime",
+                "tile": "512x512",
+                "k": K,
+                "embed_dim": config.model.embed_dim,
+                "threads": torch.get_num_threads(),
+                "numpy_s": round(numpy_s, 4),
+                "torch_s": round(torch_s, 4),
+                "ratio": round(ratio, 3),
+                "label_agreement": round(agreement, 6),
+                "raster": f"{RASTER_SIDE}x{RASTER_SIDE}",
+                "segment_s": round(segment["wall_s"], 2),
+                "segment_megapixels_per_s": round(segment["megapixels_per_s"], 3),
+                "segment_tiles": segment["tiles"],
+                "segment_peak_rss_mb": round(peak_rss_mb, 1),
+                "targets": TARGETS,
+                "passed": ratio <= TARGETS["ratio_max"]
+                and agreement >= TARGETS["agreement_min"]
+                and peak_rss_mb < TARGETS["peak_rss_mb_max"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
