@@ -105,3 +105,19 @@ def test_promotion_refuses_a_real_directory(tmp_path: Path, model, learned_confi
     best.mkdir()
     with pytest.raises(ValueError, match="symlink"):
         promote_if_better(_candidate(tmp_path, model, learned_config, "a", 0.5), best)
+
+
+def test_smoke_export_cli_is_reproducible(tmp_path: Path, capsys) -> None:
+    from runtime_export.__main__ import main
+
+    argv = ["--seed", "7", "--steps", "1", "--embed-dim", "8", "--max-k", "4", "--patch-size", "32"]
+    assert main(["--smoke-out", str(tmp_path / "a"), *argv]) == 0
+    assert main(["--smoke-out", str(tmp_path / "b"), *argv]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["files"] == ["meta.json", "metrics.json", "model.npz"]
+    with np.load(tmp_path / "a" / "model.npz") as a, np.load(tmp_path / "b" / "model.npz") as b:
+        assert a.files == b.files
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert (meta["embed_dim"], meta["max_k"], meta["lineage"]["checkpoint_step"]) == (8, 4, 1)
+    assert load_runtime_model(tmp_path / "a").predict_labels(np.zeros((3, 32, 32), np.uint8), 4).shape == (32, 32)
