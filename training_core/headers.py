@@ -45,7 +45,8 @@ HEADER_VERSION = 0
 TIFF_SUFFIXES = (".tif", ".tiff")
 INPUT_FOLDER, TARGET_FOLDER = "images", "masks"
 INPUT_MODALITY, TARGET_MODALITY = "rgb", "labels"
-INPUT_CHANNELS = 3
+# The model takes RGB and one label band: a header may state these channel counts, not others.
+ROLE_CHANNELS = {"input": 3, "target": 1}
 # Pixels read per block when streaming a raster: bounds memory for rasters of any size.
 BLOCK_BYTES = 32 * 1024 * 1024
 T = TypeVar("T")
@@ -60,6 +61,8 @@ class _Strict(BaseModel):
 
 
 class Modality(_Strict):
+    """One raster modality. `crs` is an addition to DESIGN.md's list: the CRSs found (inferred) or allowed."""
+
     name: str = Field(min_length=1)
     role: Literal["input", "target"]
     kind: Literal["raster"] = "raster"
@@ -155,6 +158,12 @@ class DatasetHeader(_Strict):
             raise ValueError(f"pairing.target_modality {target!r} is not a target modality")
         if unused := sorted(set(roles) - used):
             raise ValueError(f"modalities {unused} are not used by pairing")
+        for modality in self.modalities:
+            if modality.channels not in (None, ROLE_CHANNELS[modality.role]):
+                raise ValueError(
+                    f"modality {modality.name!r}: channels must be {ROLE_CHANNELS[modality.role]} for role "
+                    f"{modality.role!r} (RGB inputs, single-band targets), got {modality.channels}"
+                )
         return self
 
     def modality(self, name: str) -> Modality:
@@ -388,8 +397,8 @@ def _open(path: Path) -> rasterio.DatasetReader:
 
 def _check_against(facts: RasterFacts, modality: Modality) -> None:
     where = f"{facts.path}: modality {modality.name!r}:"
-    if modality.channels is not None and facts.count != modality.channels:
-        raise DatasetError(f"{where} channels: has {facts.count} bands, expected {modality.channels}")
+    if facts.count != ROLE_CHANNELS[modality.role]:
+        raise DatasetError(f"{where} channels: has {facts.count} bands, expected {ROLE_CHANNELS[modality.role]}")
     if modality.dtype is not None and facts.dtype != modality.dtype:
         raise DatasetError(f"{where} dtype: is {facts.dtype}, expected {modality.dtype}")
     if modality.georef_required and not facts.georeferenced:
@@ -570,7 +579,7 @@ def layout_header(dataset_dir: str | Path, dataset_id: str | None = None) -> Dat
     if not (dataset_dir / INPUT_FOLDER).is_dir():
         raise DatasetError(f"{dataset_dir}: empty dataset: no {INPUT_FOLDER}/ folder with input GeoTIFFs")
     input_pattern, raw = _layout_pattern(dataset_dir, INPUT_FOLDER)
-    modalities = [Modality(name=INPUT_MODALITY, role="input", pattern=input_pattern, channels=INPUT_CHANNELS)]
+    modalities = [Modality(name=INPUT_MODALITY, role="input", pattern=input_pattern, channels=ROLE_CHANNELS["input"])]
     target = None
     if (dataset_dir / TARGET_FOLDER).is_dir():
         target_pattern, target_raw = _layout_pattern(dataset_dir, TARGET_FOLDER)
@@ -578,7 +587,10 @@ def layout_header(dataset_dir: str | Path, dataset_id: str | None = None) -> Dat
             raise DatasetError(
                 f"{dataset_dir / TARGET_FOLDER}: raw split folders {target_raw} differ from {INPUT_FOLDER}/ {raw}"
             )
-        modalities.append(Modality(name=TARGET_MODALITY, role="target", pattern=target_pattern, channels=1))
+        target_channels = ROLE_CHANNELS["target"]
+        modalities.append(
+            Modality(name=TARGET_MODALITY, role="target", pattern=target_pattern, channels=target_channels)
+        )
         target = TARGET_MODALITY
     return header_from_dict(
         {

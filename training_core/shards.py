@@ -37,6 +37,7 @@ import rasterio
 
 from training_core.headers import (
     HEADER_FILENAME,
+    ROLE_CHANNELS,
     DatasetError,
     DatasetHeader,
     DatasetItem,
@@ -472,12 +473,12 @@ def iter_split_items(processed_root: str | Path, dataset_id: str, split: str) ->
 # --------------------------------------------------------------------------------------------- verifying
 
 
-def _tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> list[str]:
+def _tile_problems(shard_dir: Path, entry: IndexEntry) -> list[str]:
     input_path = shard_dir / entry.input
     try:
         with rasterio.open(input_path) as src:
-            if src.count != header.input.channels:
-                return [f"{input_path}: has {src.count} bands, expected {header.input.channels}"]
+            if src.count != ROLE_CHANNELS["input"]:
+                return [f"{input_path}: has {src.count} bands, expected {ROLE_CHANNELS['input']}"]
             shape = src.shape
         if entry.target is not None:
             target_path = shard_dir / entry.target
@@ -515,7 +516,7 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
                     other = seen[entry.item_id].split
                     problems.append(f"{shard_dir}: item {entry.item_id!r} is also in split {other!r}")
                 seen[entry.item_id] = entry
-                problems += _tile_problems(shard_dir, entry, header)
+                problems += _tile_problems(shard_dir, entry)
     actual = {item_id: entry.split for item_id, entry in seen.items()}
     if split_counts(actual) != manifest["counts"]:
         problems.append(f"{root}: split counts {split_counts(actual)} differ from the manifest's {manifest['counts']}")

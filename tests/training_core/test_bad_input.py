@@ -196,9 +196,14 @@ def test_build_killed_midway_keeps_previous_output_and_rerun_equals_clean_build(
 def test_header_cli_writes_nothing_on_bad_input(built, tmp_path: Path, capsys) -> None:
     dataset = built[0]
     header = extract_header(dataset)
-    header.input.channels = 4
+    header.target.label_values = [1, 2]
     dump_header(header, dataset / HEADER_FILENAME)
     out = tmp_path / "headers"
     assert headers_main(["--extracted-root", str(dataset.parent), "--out", str(out)]) == 2
-    assert "images/l0.tif: modality 'rgb': channels: has 3 bands, expected 4" in capsys.readouterr().err
+    assert "masks/l0.tif: modality 'labels' label_values: holds [0], not in [1, 2]" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_header_stating_other_channels_is_rejected(built) -> None:
+    commit_header(built[0], lambda data: data["modalities"][0].update(channels=4))
+    rebuild_fails(built, rf"{HEADER_FILENAME}: invalid dataset header: .*modality 'rgb': channels must be 3")
