@@ -287,12 +287,13 @@ def _pattern_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _tiff_files(root: Path) -> list[str]:
-    """Relative posix paths of every GeoTIFF under root (hidden folders skipped), sorted."""
+    """Relative posix paths of every GeoTIFF under root (hidden entries skipped), sorted."""
     found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         rel = Path(folder).relative_to(root)
-        found += [(rel / f).as_posix() for f in files if f.lower().endswith(TIFF_SUFFIXES)]
+        # Hidden files are skipped too: macOS `._name.tif` resource forks are not GeoTIFFs.
+        found += [(rel / f).as_posix() for f in files if f.lower().endswith(TIFF_SUFFIXES) and not f.startswith(".")]
     return sorted(found)
 
 
@@ -563,11 +564,11 @@ def check_consistency(facts: Sequence[ItemFacts]) -> None:
 def _layout_pattern(dataset_dir: Path, folder: str) -> tuple[str, list[str]]:
     """`images/*.tif` or `images/{split}/*.tif` with the raw split names found."""
     base = dataset_dir / folder
-    direct = [p for p in base.iterdir() if p.is_file() and p.name.lower().endswith(TIFF_SUFFIXES)]
+    direct = [PurePosixPath(rel) for rel in _tiff_files(base) if "/" not in rel]
     nested = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and _tiff_files(p))
     if direct and nested:
         raise DatasetError(f"{base}: holds both GeoTIFFs and raw-split sub-folders {nested}; use one layout")
-    files = direct or [p for name in nested for p in (base / name).iterdir() if p.name.lower().endswith(TIFF_SUFFIXES)]
+    files = direct or [PurePosixPath(rel) for name in nested for rel in _tiff_files(base / name)]
     suffix = "*.tif" if all(p.name.lower().endswith(".tif") for p in files) else "*"
     return (f"{folder}/{{split}}/{suffix}", nested) if nested else (f"{folder}/{suffix}", [])
 

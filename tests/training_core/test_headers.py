@@ -159,6 +159,7 @@ def test_patterns_stay_in_one_segment_and_ignore_case(tmp_path: Path, write_tif)
     dataset = tmp_path / "case"
     write_tif(dataset / "images" / "A.TIF", np.zeros((3, 8, 8), np.uint8))
     write_tif(dataset / "images" / "deeper" / "b.tif", np.zeros((3, 8, 8), np.uint8))
+    (dataset / "images" / "._A.tif").write_bytes(b"macOS resource fork")
     header = DatasetHeader.model_validate(
         {
             "dataset_id": "case",
@@ -208,3 +209,10 @@ def test_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
     (tmp_path / "broken" / "images").mkdir(parents=True)
     assert main(["--extracted-root", str(tmp_path)]) == 2
     assert "empty dataset" in capsys.readouterr().err
+
+
+def test_mixed_layout_is_refused(tmp_path: Path, write_tif) -> None:
+    write_tif(tmp_path / "mixed" / "images" / "a.tif", np.zeros((3, 8, 8), np.uint8))
+    write_tif(tmp_path / "mixed" / "images" / "train" / "b.tif", np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(DatasetError, match=r"mixed/images: holds both GeoTIFFs and raw-split sub-folders \['train'\]"):
+        extract_header(tmp_path / "mixed")
