@@ -204,8 +204,11 @@ class RuntimeModel:
         return RuntimeOutput(probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes)
 
     def predict_labels(self, rgb: np.ndarray, k: int) -> np.ndarray:
-        """Cluster ids ``[H, W]`` (uint8) for one ``[3, H, W]`` uint8 tile."""
-        return self.forward(rgb, k).probs.argmax(axis=0).astype(np.uint8)
+        """Cluster ids ``[H, W]`` (uint8) for one ``[3, H, W]`` uint8 tile: the arg-max of ``forward``'s probs."""
+        embedding = self.embed(rgb)
+        assignment, _ = self.fit_prototypes(embedding, k)
+        probs, _ = self.probs_from_assignment(assignment, embedding)
+        return probs.argmax(axis=0).astype(np.uint8)
 
     def _check_k(self, k: int) -> None:
         if not 2 <= k <= self.max_k:
@@ -245,8 +248,13 @@ def read_meta(path: Path) -> dict[str, Any]:
     if meta["smoothing"] not in ("fast", "learned", "none"):
         raise ArtifactError(f"{path}: smoothing {meta['smoothing']!r} is not one of fast|learned|none")
     for key in ("max_k", "embed_dim", "cluster_iters", "smooth_iters"):
-        if not isinstance(meta[key], int) or meta[key] < 0:
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
             raise ArtifactError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")
+    for key in ("temperature", "input_scale"):
+        if not isinstance(meta[key], int | float) or meta[key] <= 0:
+            raise ArtifactError(f"{path}: {key} must be a positive number, got {meta[key]!r}")
+    if not isinstance(meta["colour_weight"], int | float) or meta["colour_weight"] < 0:
+        raise ArtifactError(f"{path}: colour_weight must be a non-negative number, got {meta['colour_weight']!r}")
     return meta
 
 

@@ -43,8 +43,8 @@ def test_export_artifact_from_checkpoint_and_parity(tmp_path: Path, model, learn
     artifact = export_artifact(checkpoint, tmp_path / "artifact", {"dataset_ids": ["x"]}, {PROMOTION_METRIC: 0.4})
     meta = json.loads((artifact / "meta.json").read_text())
     assert meta["lineage"]["checkpoint_step"] == 7 and meta["lineage"]["dataset_ids"] == ["x"]
-    report = runtime_parity(artifact, checkpoint, sample_tiles[2:], ks=(2, 8, 16, 99))
-    assert report["passed"] and sorted(report["per_k"]) == ["16", "2", "8"], report
+    report = runtime_parity(artifact, checkpoint, sample_tiles[2:3], ks=(2, 16, 99))
+    assert report["passed"] and sorted(report["per_k"]) == ["16", "2"], report
 
 
 def test_failed_export_leaves_the_previous_artifact(tmp_path: Path, model, learned_config, monkeypatch) -> None:

@@ -144,3 +144,14 @@ def test_not_an_archive(artifact_dir: Path, tmp_path: Path) -> None:
 def test_missing_files(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="meta.json.*missing"):
         load_runtime_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("max_k", "16", "max_k must be a non-negative integer"), ("temperature", 0, "temperature must be a positive")],
+)
+def test_bad_meta_values(artifact_dir: Path, tmp_path: Path, key: str, value, message: str) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_meta(artifact, **{key: value})
+    with pytest.raises(ArtifactError, match=f"meta.json: {message}"):
+        load_runtime_model(artifact)
