@@ -337,8 +337,10 @@ def render_comparison(report: EvalReport, path: str | Path) -> Path:
     methods = list(report.methods)
     labeled = report.mapping_fitted_on is not None
     columns = ["image", "ground truth", *methods] if labeled else ["image", *methods]
-    n_colours = max(report.k, 2) + 2
-    palette = ListedColormap(["black", "0.6", *plt.get_cmap("tab20").colors[: n_colours - 2]])
+    n_classes = max((len(m.hungarian.per_class_iou) for m in report.methods.values() if m.hungarian), default=0)
+    n_colours = max(report.k, n_classes) + 2  # + ignored (black) and unmatched (grey)
+    distinct = [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20b").colors, *plt.get_cmap("tab20c").colors]
+    palette = ListedColormap(["black", "0.6", *distinct[: n_colours - 2]])
     fig, axes = plt.subplots(len(report.samples), len(columns), figsize=(3 * len(columns), 3 * len(report.samples)))
     axes = np.atleast_2d(axes)
     for row, sample in zip(axes, report.samples, strict=True):

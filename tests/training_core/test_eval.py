@@ -19,10 +19,12 @@ from training_core.eval import (
     LabeledTile,
     baseline_predict_fn,
     evaluate_checkpoint,
+    evaluate_dataset,
     evaluate_tiles,
     main,
     read_tile,
     render_comparison,
+    split_tiles,
     torch_predict_fn,
 )
 from training_core.model import SegmentationModel
@@ -150,6 +152,20 @@ def test_evaluate_checkpoint_on_shards(quebec_shards: Path, checkpoint: Path) ->
     assert report.methods[MODEL].hungarian.n_pixels == 512 * 512
     with pytest.raises(ValueError, match="max_k"):
         evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings", k=9)
+
+
+def test_evaluate_dataset_fits_on_the_metrics_train_shards(quebec_shards: Path) -> None:
+    """A predictor right on metrics_train and swapped on val scores 0: the mapping came from metrics_train."""
+    answers = {}
+    for split, swap in (("metrics_train", False), ("val", True)):
+        for tile in split_tiles(quebec_shards, "quebec_buildings", split):
+            cluster = np.clip(tile.label.astype(np.int64) - 1, 0, 1)
+            answer = (1 - cluster if swap else cluster).astype(np.uint8)
+            answers[tile.rgb.tobytes()] = answer
+            answers[np.ascontiguousarray(tile.rgb[:, :, ::-1]).tobytes()] = answer[:, ::-1]  # the flipped view
+    report = evaluate_dataset(lambda rgb, k: answers[rgb.tobytes()], quebec_shards, "quebec_buildings", k=2)
+    assert report.mapping_fitted_on == "metrics_train" and report.val_miou == 0.0
+    assert report.miou(BASELINE) is not None
 
 
 def test_cli_shards_report_to_stdout_and_file(quebec_shards: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
