@@ -23,12 +23,15 @@ from torch import nn
 
 from training_core.config import STRIDE, ModelConfig
 
+NORM_EPS = 1e-12  # F.normalize's default eps
+MIN_MASS = 1e-6  # floor of a cluster's total assignment in the prototype means
+
 
 @dataclass
 class ModelOutput:
     """Everything a loss, an evaluation or an export may need from one forward pass."""
 
-    probs: torch.Tensor  # [B, K, H, W] cluster probabilities at input resolution
+    probs: torch.Tensor | None  # [B, K, H, W] cluster probabilities at input resolution (None: upsample=False)
     low_res_probs: torch.Tensor  # [B, K, h, w] the same at stride 4, after smoothing
     embeddings: torch.Tensor  # [B, D', h, w] what was clustered (D' = D, or D + 3 with colour)
     prototypes: torch.Tensor  # [B, K, D'] final cluster centres
@@ -66,6 +69,28 @@ class Encoder(nn.Module):
         return self.res2(self.res1(x))
 
 
+class _L2Normalize(torch.autograd.Function):
+    """``F.normalize(x, dim=1)`` with the same forward ops and a fused backward.
+
+    Autograd through ``x / norm.clamp_min(eps)`` runs about six full-size passes; the closed form
+    ``(g - y * <g, y>) / norm`` needs three. Where the norm is clamped the gradient is ``g / eps``, as
+    autograd's would be.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        denom = x.norm(2, dim=1, keepdim=True).clamp_min(NORM_EPS)
+        y = x / denom.expand_as(x)
+        ctx.save_for_backward(y, denom)
+        return y
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        y, denom = ctx.saved_tensors
+        radial = (grad * y).sum(dim=1, keepdim=True) * (denom > NORM_EPS)
+        return (grad - y * radial) / denom
+
+
 def smoothing_kernel(weights: torch.Tensor) -> torch.Tensor:
     """A 3x3 kernel with non-negative weights summing to 1 (softmax of 9 logits)."""
     return torch.softmax(weights.flatten(), dim=0).view(1, 1, 3, 3)
@@ -86,25 +111,99 @@ def soft_kmeans(
     """Soft k-means over ``embeddings`` [B, D, N] seeded by ``seed_logits`` [B, K, N].
 
     Returns (assignment [B, K, N], prototypes [B, K, D]). Squared distances are expanded as
-    ``|e|^2 - 2 p.e + |p|^2`` so no [B, K, D, N] tensor is ever built.
+    ``|e|^2 - 2 p.e + |p|^2`` so no [B, K, D, N] tensor is ever built. The gradient is hand-written
+    (``_SoftKMeans``): the values are those of the plain loop below, the backward touches the
+    full-size embeddings far fewer times than autograd would.
     """
+    return _SoftKMeans.apply(embeddings, seed_logits, iters, temperature)
+
+
+def _weighted_means(assign: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prototypes [B, K, D], mass [B, K, 1]): assignment-weighted means of the embeddings."""
+    mass = assign.sum(dim=2, keepdim=True).clamp_min(MIN_MASS)
+    return torch.bmm(assign, embeddings.transpose(1, 2)) / mass, mass
+
+
+def _soft_kmeans_loop(
+    embeddings: torch.Tensor, seed_logits: torch.Tensor, iters: int, temperature: float
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The k-means rounds; returns every round's assignments, prototypes and masses (for the backward)."""
     assign = torch.softmax(seed_logits, dim=1)
     sq_norm = (embeddings * embeddings).sum(dim=1, keepdim=True)  # [B, 1, N]
-    prototypes = _weighted_means(assign, embeddings)
+    prototypes, mass = _weighted_means(assign, embeddings)
+    assigns, protos, masses = [assign], [prototypes], [mass]
     for _ in range(iters):
-        dist = (
-            sq_norm
-            - 2.0 * torch.bmm(prototypes, embeddings)
-            + (prototypes * prototypes).sum(dim=2, keepdim=True)
-        )
+        dist = sq_norm - 2.0 * torch.bmm(prototypes, embeddings) + (prototypes * prototypes).sum(dim=2, keepdim=True)
         assign = torch.softmax(-dist / temperature, dim=1)
-        prototypes = _weighted_means(assign, embeddings)
-    return assign, prototypes
+        prototypes, mass = _weighted_means(assign, embeddings)
+        assigns.append(assign)
+        protos.append(prototypes)
+        masses.append(mass)
+    return assigns, protos, masses
 
 
-def _weighted_means(assign: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    mass = assign.sum(dim=2, keepdim=True).clamp_min(1e-6)  # [B, K, 1]
-    return torch.bmm(assign, embeddings.transpose(1, 2)) / mass
+def _softmax_backward(probs: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the logits of ``probs = softmax(logits, dim=1)``."""
+    return probs * (grad - (grad * probs).sum(dim=1, keepdim=True))
+
+
+class _SoftKMeans(torch.autograd.Function):
+    """Soft k-means with a hand-written backward.
+
+    The embeddings E enter every round linearly (``P_t E`` in the distances, ``A_t E^T`` in the
+    means), so autograd would write and accumulate one full-size [B, D, N] gradient per use. Here the
+    small factors of each use are collected and the embedding gradient is one batched matmul:
+    ``dE = sum_t P_t^T dS_t + dNum_t^T A_t = [P | dNum]^T [dS ; A]``.
+    ``|e|^2`` is the same for every cluster, so it cancels in the softmax and has no gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        embeddings: torch.Tensor,
+        seed_logits: torch.Tensor,
+        iters: int,
+        temperature: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assigns, protos, masses = _soft_kmeans_loop(embeddings, seed_logits, iters, temperature)
+        ctx.temperature = temperature
+        ctx.save_for_backward(embeddings, *assigns, *protos, *masses)
+        ctx.rounds = len(assigns)
+        return assigns[-1], protos[-1]
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_assign: torch.Tensor, grad_protos: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        embeddings, *saved = ctx.saved_tensors
+        n = ctx.rounds
+        assigns, protos, masses = saved[:n], saved[n : 2 * n], saved[2 * n :]
+        embeddings_t = embeddings.transpose(1, 2)
+        g_assign = grad_assign if grad_assign is not None else torch.zeros_like(assigns[-1])
+        g_protos = grad_protos if grad_protos is not None else torch.zeros_like(protos[-1])
+        left, right = [], []  # dE = sum of left_i^T @ right_i, i.e. cat(left)^T @ cat(right)
+        for t in range(n - 1, -1, -1):
+            # P_t = (A_t E^T) / m_t with m_t = clamp(sum_n A_t): gradients of numerator and mass.
+            g_num = g_protos / masses[t]
+            g_mass = -(g_protos * protos[t]).sum(dim=2, keepdim=True) / masses[t]
+            g_mass = g_mass * (masses[t] > MIN_MASS)
+            g_assign = g_assign + torch.bmm(g_num, embeddings) + g_mass
+            left.append(g_num)
+            right.append(assigns[t])
+            if t == 0:
+                break
+            # A_t = softmax(-(|e|^2 - 2 P_{t-1} E + |P_{t-1}|^2) / T).
+            g_logits = _softmax_backward(assigns[t], g_assign)
+            g_scores = (2.0 / ctx.temperature) * g_logits  # w.r.t. S = P_{t-1} E
+            g_sq_proto = -g_logits.sum(dim=2, keepdim=True) / ctx.temperature  # w.r.t. |P_{t-1}|^2
+            prev = protos[t - 1]
+            g_protos = torch.bmm(g_scores, embeddings_t) + 2.0 * g_sq_proto * prev
+            left.append(prev)
+            right.append(g_scores)
+            g_assign = torch.zeros_like(assigns[t - 1])  # A_{t-1} feeds P_{t-1} only
+        grad_embeddings = torch.bmm(torch.cat(left, dim=1).transpose(1, 2), torch.cat(right, dim=1))
+        grad_seed = _softmax_backward(assigns[0], g_assign)
+        return grad_embeddings, grad_seed, None, None
 
 
 class SegmentationModel(nn.Module):
@@ -120,7 +219,7 @@ class SegmentationModel(nn.Module):
 
     def clustered_embedding(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters."""
-        embeddings = F.normalize(features, dim=1)
+        embeddings = _L2Normalize.apply(features)
         if self.config.colour_weight > 0:
             colour = F.avg_pool2d(x, STRIDE, ceil_mode=True)
             embeddings = torch.cat([embeddings, self.config.colour_weight * colour], dim=1)
@@ -132,7 +231,10 @@ class SegmentationModel(nn.Module):
         k: int,
         cluster_iters: int | None = None,
         smooth_iters: int | None = None,
+        upsample: bool = True,
     ) -> ModelOutput:
+        """Cluster probabilities of ``rgb`` for ``k`` clusters. ``upsample=False`` skips the full-size
+        ``probs`` (training uses the stride-4 ones) and leaves it None."""
         cfg = self.config
         if not 2 <= k <= cfg.max_k:
             raise ValueError(f"k={k} is outside [2, max_k={cfg.max_k}]")
@@ -143,7 +245,8 @@ class SegmentationModel(nn.Module):
 
         x = (rgb - self.input_mean) / self.input_std
         features = self.encoder(x)
-        seed_logits = self.seed_proj(features)[:, :k]
+        # Only the first k seed channels are used: project to those alone.
+        seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
         embeddings = self.clustered_embedding(x, features)
         b, d, h, w = embeddings.shape
         assign, prototypes = soft_kmeans(
@@ -152,5 +255,5 @@ class SegmentationModel(nn.Module):
         low_res = assign.view(b, k, h, w)
         if cfg.smoothing != "none" and smooth > 0:
             low_res = smooth_probs(low_res, smoothing_kernel(self.smooth_logits), smooth)
-        probs = F.interpolate(low_res, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        probs = F.interpolate(low_res, size=rgb.shape[-2:], mode="bilinear", align_corners=False) if upsample else None
         return ModelOutput(probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes)

@@ -113,7 +113,9 @@ def step_losses(
         images = F.avg_pool2d(images, plan.downsample)
     views = make_views(images, config.augment, generator)
     with policy.autocast():
-        output = model(torch.cat([views.view1, views.view2]), plan.k, cluster_iters=plan.cluster_iters)
+        output = model(
+            torch.cat([views.view1, views.view2]), plan.k, cluster_iters=plan.cluster_iters, upsample=False
+        )
     probs1, probs2 = output.low_res_probs.chunk(2)
     grid = views.grid(probs1.shape[-1])
     return two_view_losses(probs1, probs2, grid, views.view1, views.view2, config.loss, all_reduce)
