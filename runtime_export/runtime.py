@@ -35,6 +35,8 @@ METRICS_FILENAME = "metrics.json"
 STRIDE = 4
 NORM_EPS = 1e-12  # F.normalize's eps
 MASS_EPS = 1e-6  # soft k-means clamp on cluster mass
+CONV_CHUNK_PIXELS = 8192  # output pixels per im2col band
+LABEL_BAND_ROWS = 128  # output rows per band when only labels are needed
 
 META_KEYS = (
     "runtime_version",
@@ -178,16 +180,20 @@ class RuntimeModel:
         """Soft assignment [N, K] of an embedding set to fixed prototypes (one k-means E-step)."""
         return _assign(embedding.embeddings, _sq_norm(embedding.embeddings), prototypes, self.temperature)
 
-    def probs_from_assignment(
+    def low_res_from_assignment(
         self, assignment: np.ndarray, embedding: Embedding, smooth_iters: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Smooth a pixel-major assignment on the stride-4 grid and upsample it: (probs, low_res)."""
+    ) -> np.ndarray:
+        """A pixel-major assignment [N, K] as [K, h, w] on the stride-4 grid, smoothed."""
         h, w = embedding.grid
         low_res = np.ascontiguousarray(assignment.T).reshape(-1, h, w)
         smooth = self.smooth_iters if smooth_iters is None else smooth_iters
         if self.meta["smoothing"] != "none" and smooth > 0:
             low_res = smooth_probs(low_res, self.smooth_kernel, smooth)
-        return upsample_bilinear(low_res, embedding.size), low_res
+        return low_res
+
+    def labels_from_assignment(self, assignment: np.ndarray, embedding: Embedding) -> np.ndarray:
+        """Cluster ids [H, W] (uint8): arg-max of the upsampled probabilities, without holding them all."""
+        return upsample_argmax(self.low_res_from_assignment(assignment, embedding), embedding.size)
 
     # -- public forward ------------------------------------------------------------------------
 
@@ -198,7 +204,8 @@ class RuntimeModel:
         self._check_k(k)
         embedding = self.embed(rgb)
         assignment, prototypes = self.fit_prototypes(embedding, k, cluster_iters)
-        probs, low_res = self.probs_from_assignment(assignment, embedding, smooth_iters)
+        low_res = self.low_res_from_assignment(assignment, embedding, smooth_iters)
+        probs = upsample_bilinear(low_res, embedding.size)
         h, w = embedding.grid
         embeddings = np.ascontiguousarray(embedding.embeddings.T).reshape(-1, h, w)
         return RuntimeOutput(probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes)
@@ -207,8 +214,7 @@ class RuntimeModel:
         """Cluster ids ``[H, W]`` (uint8) for one ``[3, H, W]`` uint8 tile: the arg-max of ``forward``'s probs."""
         embedding = self.embed(rgb)
         assignment, _ = self.fit_prototypes(embedding, k)
-        probs, _ = self.probs_from_assignment(assignment, embedding)
-        return probs.argmax(axis=0).astype(np.uint8)
+        return self.labels_from_assignment(assignment, embedding)
 
     def _check_k(self, k: int) -> None:
         if not 2 <= k <= self.max_k:
@@ -294,7 +300,12 @@ def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.
 
 
 def conv3x3(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
-    """3x3 convolution, zero padding 1, on channels-last ``x`` [H, W, C] with im2col ``weight`` [9C, C_out]."""
+    """3x3 convolution, zero padding 1, on channels-last ``x`` [H, W, C] with im2col ``weight`` [9C, C_out].
+
+    Output rows are done in bands of about ``CONV_CHUNK_PIXELS``: the im2col copy of a band stays
+    small (memory bounded for any tile size, cache friendly) and each output pixel's dot product is
+    the same whatever the band, so results do not depend on the tile size.
+    """
     height, width, channels = x.shape
     padded = np.zeros((height + 2, width + 2, channels), dtype=np.float32)
     padded[1:-1, 1:-1] = x
@@ -307,8 +318,12 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
         strides=(s_row * stride, s_col * stride, s_row, s_col, s_ch),
         writeable=False,
     )
-    cols = windows.reshape(out_h * out_w, 9 * channels)  # the one copy
-    return (cols @ weight).reshape(out_h, out_w, weight.shape[1])
+    out = np.empty((out_h, out_w, weight.shape[1]), dtype=np.float32)
+    rows = max(1, CONV_CHUNK_PIXELS // out_w)
+    for row in range(0, out_h, rows):
+        cols = windows[row : row + rows].reshape(-1, 9 * channels)  # the im2col copy of one band
+        np.matmul(cols, weight, out=out[row : row + rows].reshape(-1, weight.shape[1]))
+    return out
 
 
 def _im2col_weight(weight: np.ndarray) -> np.ndarray:
@@ -401,6 +416,26 @@ def upsample_bilinear(low_res: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     r0, r1, wr0, wr1 = _source_index(h, size[0])
     cols = wc0 * low_res[:, :, c0] + wc1 * low_res[:, :, c1]  # [K, h, W]
     return wr0[:, None] * cols[:, r0, :] + wr1[:, None] * cols[:, r1, :]
+
+
+def upsample_argmax(low_res: np.ndarray, size: tuple[int, int], band_rows: int = LABEL_BAND_ROWS) -> np.ndarray:
+    """``upsample_bilinear(low_res, size).argmax(axis=0)`` as uint8, computed in bands of output rows.
+
+    Each band interpolates only the low-res rows it needs, with the same float32 operations as the
+    full upsampling, so the labels are identical while memory stays at one band of probabilities.
+    """
+    _, h, w = low_res.shape
+    c0, c1, wc0, wc1 = _source_index(w, size[1])
+    r0, r1, wr0, wr1 = _source_index(h, size[0])
+    labels = np.empty(size, dtype=np.uint8)
+    for start in range(0, size[0], band_rows):
+        band = slice(start, min(start + band_rows, size[0]))
+        lo, hi = int(r0[band].min()), int(r1[band].max()) + 1
+        rows = low_res[:, lo:hi]
+        cols = wc0 * rows[:, :, c0] + wc1 * rows[:, :, c1]
+        probs = wr0[band, None] * cols[:, r0[band] - lo, :] + wr1[band, None] * cols[:, r1[band] - lo, :]
+        labels[band] = probs.argmax(axis=0)
+    return labels
 
 
 def _check_rgb(rgb: np.ndarray) -> np.ndarray:

@@ -218,10 +218,10 @@ def _assign_tile(
     """Pass 2 for one tile: (uint8 labels of the core, its nodata mask)."""
     rgb, valid = _read_tile(src, tile.read, fill)
     embedding = model.embed(rgb)
-    probs, _ = model.probs_from_assignment(model.assign(embedding, prototypes), embedding)
+    labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
     r0, c0 = tile.core.row_off - tile.read.row_off, tile.core.col_off - tile.read.col_off
     core = (slice(r0, r0 + tile.core.height), slice(c0, c0 + tile.core.width))
-    return probs[:, core[0], core[1]].argmax(axis=0).astype(np.uint8), ~valid[core]
+    return labels[core], ~valid[core]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
-from runtime_export.runtime import RUNTIME_VERSION, ArtifactError, load_runtime_model
+from runtime_export.runtime import RUNTIME_VERSION, ArtifactError, load_runtime_model, upsample_argmax
 from training_core.config import ModelConfig, TrainConfig
 
 from .conftest import calibrated_model
@@ -55,10 +55,14 @@ def test_forward_outputs_match_torch_shapes(artifact_dir: Path, model, sample_ti
     np.testing.assert_allclose(out.probs.sum(axis=0), 1.0, atol=1e-5)
 
 
-def test_predict_labels_is_uint8_cluster_ids(artifact_dir: Path, sample_tiles) -> None:
-    labels = load_runtime_model(artifact_dir).predict_labels(sample_tiles[2], 4)
-    assert labels.dtype == np.uint8 and labels.shape == sample_tiles[2].shape[1:]
-    assert labels.max() < 4
+def test_predict_labels_is_the_argmax_of_forward(artifact_dir: Path, sample_tiles) -> None:
+    runtime = load_runtime_model(artifact_dir)
+    rgb = sample_tiles[3]  # odd size: bands of the banded arg-max end mid-way
+    labels = runtime.predict_labels(rgb, 4)
+    assert labels.dtype == np.uint8 and labels.shape == rgb.shape[1:]
+    np.testing.assert_array_equal(labels, runtime.forward(rgb, 4).probs.argmax(axis=0))
+    low_res = runtime.forward(rgb, 4).low_res_probs
+    np.testing.assert_array_equal(upsample_argmax(low_res, rgb.shape[1:], band_rows=7), labels)
 
 
 def test_bad_inputs_are_clear_errors(artifact_dir: Path, sample_tiles) -> None:
