@@ -456,10 +456,11 @@ def read_blocks(src: rasterio.DatasetReader) -> Iterator[tuple[Window, np.ndarra
     for top in range(0, src.height, rows):
         window = Window(0, top, src.width, min(rows, src.height - top))
         try:
-            yield window, src.read(window=window)
+            block = src.read(window=window)
         except RasterioError as exc:
             cause = exc.__cause__ or exc
             raise DatasetError(f"{src.name}: cannot read pixels (truncated or corrupt TIFF?): {cause}") from None
+        yield window, block
 
 
 def distinct_values(block: np.ndarray) -> set[int]:
