@@ -213,3 +213,15 @@ def test_cli_builds_and_dry_run_writes_nothing(kampala_copy: Path, tmp_path: Pat
     assert main([*args, "--dataset-id", KAMPALA, "--seed", "4"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main([*args, "--dataset-id", KAMPALA, "--seed", "4", "--overwrite"]) == 0
+
+
+def test_tiles_stream_in_strips(sample_extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rasters larger than BLOCK_BYTES are copied strip by strip (bounded memory), still exactly."""
+    monkeypatch.setattr("training_core.headers.BLOCK_BYTES", 7 * 280 * 3)  # 7-row strips, a ragged last one
+    report = build_shards(sample_extracted, tmp_path, "new_brunswick_landcover", workers=1)
+    assert report.label_values == [1, 2, 3, 4, 5, 6]
+    source = sample_extracted / "new_brunswick_landcover"
+    for split in ("metrics_train", "val"):
+        for shard_dir, entry in iter_split_items(tmp_path, "new_brunswick_landcover", split):
+            assert_same_raster(shard_dir / entry.input, source / "images" / f"{entry.item_id}.tif")
+            assert_same_raster(shard_dir / entry.target, source / "masks" / f"{entry.item_id}.tif")
