@@ -121,20 +121,22 @@ def fit_raster_prototypes(
     rows, embeddings, seeds = [], [], []
     for tile in tiles:
         rgb, valid = _read_tile(src, tile.read, fill)
-        embedding = model.embed(rgb)
-        h, w = embedding.grid
+        h, w = rgb.shape[1] // STRIDE, rgb.shape[2] // STRIDE  # the padded tile's cell grid
         rs, cs = _core_cells(tile)
         cell_r = np.arange(h)[rs] + tile.read.row_off // STRIDE  # global cell coordinates
         cell_c = np.arange(w)[cs] + tile.read.col_off // STRIDE
         on_lattice = (cell_r[:, None] % step == 0) & (cell_c[None, :] % step == 0)
         keep = on_lattice & _valid_cells(valid)[rs, cs]
+        if not keep.any():
+            continue  # nothing to fit here (nodata, or off the lattice): skip the encoder
+        embedding = model.embed(rgb)
         local = (np.arange(h)[rs][:, None] * w + np.arange(w)[cs][None, :])[keep]
         rows.append((cell_r[:, None] * (1 << 31) + cell_c[None, :])[keep])
         embeddings.append(embedding.embeddings[local])
         seeds.append(embedding.seed_logits[local, :k])
-    order = np.argsort(np.concatenate(rows), kind="stable")  # raster order: independent of the tiling
-    if order.size == 0:
+    if not rows:
         raise ValueError(f"{src.name}: no valid pixels to fit cluster prototypes on (all nodata?)")
+    order = np.argsort(np.concatenate(rows), kind="stable")  # raster order: independent of the tiling
     all_embeddings = np.concatenate(embeddings)[order]
     all_seeds = np.concatenate(seeds)[order]
     _, prototypes = soft_kmeans(all_embeddings, all_seeds, model.cluster_iters, model.temperature)
@@ -217,11 +219,14 @@ def _assign_tile(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pass 2 for one tile: (uint8 labels of the core, its nodata mask)."""
     rgb, valid = _read_tile(src, tile.read, fill)
-    embedding = model.embed(rgb)
-    labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
     r0, c0 = tile.core.row_off - tile.read.row_off, tile.core.col_off - tile.read.col_off
     core = (slice(r0, r0 + tile.core.height), slice(c0, c0 + tile.core.width))
-    return labels[core], ~valid[core]
+    invalid = ~valid[core]
+    if invalid.all():
+        return np.zeros(invalid.shape, dtype=np.uint8), invalid  # all nodata: skip the encoder
+    embedding = model.embed(rgb)
+    labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
+    return labels[core], invalid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
