@@ -1,0 +1,192 @@
+"""Training loop: learning on real tiles, exact resume, checkpoints, SIGTERM, NaN stop, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+import training_core.train as train_module
+from training_core.checkpoint import LAST_NAME, load_checkpoint, step_checkpoint_name
+from training_core.config import DataConfig, ModelConfig, TrainConfig
+from training_core.device import device_policy
+from training_core.model import SegmentationModel
+from training_core.train import StepPlan, step_losses, train, view_generator
+
+REPO = Path(__file__).resolve().parents[2]
+KAMPALA = REPO / "sample_data" / "extracted" / "kampala_buildings" / "images"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_config(**overrides: object) -> TrainConfig:
+    fields = {
+        "model": ModelConfig(embed_dim=8, max_k=4),
+        "data": DataConfig(source="synthetic", patch_size=32, synthetic_items=6, num_workers=0),
+        "steps": 10,
+        "batch_size": 2,
+        "device": "cpu",
+        "checkpoint_every": 3,
+        "log_every": 2,
+        "lr": 1e-3,
+    }
+    return TrainConfig(**(fields | overrides))
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_loss_is_finite_and_falls_on_real_tiles() -> None:
+    """30 steps on a fixed batch of two kampala tiles (64 px crops), K and rounds fixed."""
+    tiles = []
+    for name in sorted(os.listdir(KAMPALA))[:2]:
+        with rasterio.open(KAMPALA / name) as src:
+            tiles.append(src.read(window=((96, 160), (96, 160))))
+    images = torch.from_numpy(np.stack(tiles)).float() / 255
+    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=4), data=DataConfig(patch_size=64))
+    torch.manual_seed(0)
+    model = SegmentationModel(config.model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    policy = device_policy("cpu", False)
+    totals = []
+    for step in range(30):
+        parts = step_losses(
+            model,
+            images,
+            StepPlan(k=4, cluster_iters=3, downsample=1),
+            config,
+            view_generator(0, step, 0, 0, policy.device),
+            policy,
+        )
+        assert all(torch.isfinite(value) for value in parts.values()), parts
+        parts["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        totals.append(parts["total"].item())
+    assert np.mean(totals[-5:]) < np.mean(totals[:5]) - 0.02, totals
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    config = _tiny_config()
+    straight = train(config, tmp_path / "straight", resume=False)
+    first = train(config, tmp_path / "resumed", resume=False, stop_after_steps=5)
+    assert first.steps == 5 and first.checkpoint_path == tmp_path / "resumed" / step_checkpoint_name(5)
+    second = train(config, tmp_path / "resumed", resume=True)
+    assert (straight.steps, second.steps) == (10, 10)
+    a = load_checkpoint(straight.checkpoint_path)
+    b = load_checkpoint(second.checkpoint_path)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert _log(straight.log_path) == [
+        {**row, "images_per_s": ANY, "step_s": ANY, "eta_s": ANY} for row in _log(second.log_path)
+    ]
+
+
+class _Any:
+    def __eq__(self, other: object) -> bool:
+        return True
+
+
+ANY = _Any()
+
+
+def test_checkpoints_log_and_progress(tmp_path: Path) -> None:
+    seen: list[dict] = []
+    result = train(_tiny_config(steps=7), tmp_path, resume=False, progress=seen.append)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [LAST_NAME, "step-000003.pt", "step-000006.pt", "step-000007.pt", "train_log.jsonl"]
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 7
+    rows = _log(result.log_path)
+    assert [row["step"] for row in rows] == list(range(1, 8))
+    assert all(2 <= row["k"] <= 4 and row["downsample"] in (1, 2) for row in rows)
+    assert [record["step"] for record in seen] == [2, 4, 6, 7]
+    assert {"total", "consistency", "images_per_s", "eta_s"} <= set(seen[0])
+    assert result.final_losses == {key: rows[-1][key] for key in result.final_losses}
+    assert (result.device, result.amp, result.interrupted) == ("cpu", False, False)
+    with pytest.raises(FileExistsError, match="already holds last.pt"):
+        train(_tiny_config(steps=7), tmp_path, resume=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_losses = train_module.two_view_losses
+    calls = {"n": 0}
+
+    def poisoned(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+        calls["n"] += 1
+        parts = real_losses(*args, **kwargs)
+        if calls["n"] == 5:
+            parts["total"] = parts["total"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(train_module, "two_view_losses", poisoned)
+    expected = r"non-finite loss at step 5 .* Last good checkpoint: .*step-000003\.pt"
+    with pytest.raises(FloatingPointError, match=expected):
+        train(_tiny_config(), tmp_path, resume=False)
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 3
+    assert not (tmp_path / step_checkpoint_name(5)).exists()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "training_core.train", "--device", "cpu", *args]
+
+
+ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_cli_runs_the_users_command(tmp_path: Path) -> None:
+    ckpt = tmp_path / "seg_ckpt"
+    done = subprocess.run(
+        _cli("--steps", "2", "--checkpoint_dir", str(ckpt), "--patch-size", "64", "--seed", "3"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=ONE_THREAD_ENV,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["checkpoint_path"].endswith("step-000002.pt")
+    assert load_checkpoint(ckpt / LAST_NAME)["config"]["seed"] == 3
+
+
+def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    args = ("--steps", "1000", "--checkpoint_dir", str(ckpt), "--patch-size", "32", "--checkpoint-every", "1000")
+    proc = subprocess.Popen(
+        _cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=ONE_THREAD_ENV
+    )
+    log = ckpt / "train_log.jsonl"
+    deadline = time.monotonic() + 90
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    stopped_at = load_checkpoint(ckpt / LAST_NAME)["step"]
+    assert 2 <= stopped_at < 1000
+    assert len(_log(log)) == stopped_at
+    checkpoint = load_checkpoint(ckpt / LAST_NAME)
+    config = TrainConfig.model_validate(checkpoint["config"] | {"steps": stopped_at + 2})
+    assert train(config, ckpt, resume=True).steps == stopped_at + 2
+    assert [row["step"] for row in _log(log)] == list(range(1, stopped_at + 3))
