@@ -1,0 +1,83 @@
+"""Config loading (Python module or YAML), range checks, and CLI flags written over a config file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training_core.config import TrainConfig, load_config
+from training_core.train import _parse_args, config_from_args
+
+
+def test_defaults_follow_the_design() -> None:
+    config = load_config(None)
+    assert (config.data.patch_size, config.model.embed_dim, config.model.max_k) == (512, 96, 16)
+    assert (config.k_min, config.cluster_iters, config.data.downsample) == (2, [2, 6], [1, 2])
+    assert (config.batch_size, config.lr, config.seed, config.device) == (2, 3e-4, 42, "auto")
+
+
+def test_python_module_with_get_config_or_config(tmp_path: Path) -> None:
+    with_function = tmp_path / "a.py"
+    with_function.write_text(
+        "from training_core.config import TrainConfig\n"
+        "def get_config():\n    return TrainConfig(steps=7)\n"
+    )
+    with_constant = tmp_path / "b.py"
+    with_constant.write_text("CONFIG = {'steps': 9, 'model': {'embed_dim': 32}}\n")
+    assert load_config(with_function).steps == 7
+    assert (load_config(with_constant).steps, load_config(with_constant).model.embed_dim) == (9, 32)
+
+
+def test_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\ndata:\n  source: shards\n  dataset_ids: [kampala_buildings]\n")
+    config = load_config(path)
+    assert (config.steps, config.data.source, config.data.dataset_ids) == (5, "shards", ["kampala_buildings"])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "stepz: 5\n", r"(?s)bad\.yaml.*stepz.*Extra inputs"),
+        ("empty.py", "X = 1\n", r"empty\.py defines neither get_config\(\) nor CONFIG"),
+        ("odd.toml", "", r"odd\.toml: expected \.py, \.yaml or \.yml"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, name: str, text: str, message: str) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config("nope.py")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"k_min": 20}, "k_min=20 exceeds model.max_k=16"),
+        ({"cluster_iters": [5, 2]}, r"cluster_iters=\[5, 2\]"),
+        ({"data": {"patch_size": 102, "downsample": [1]}}, "patch_size=102 must be divisible by 4"),
+        ({"data": {"patch_size": 36, "downsample": [1, 2]}}, "downsample factor 2"),
+    ],
+)
+def test_range_checks(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.model_validate(fields)
+
+
+def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "base.yaml"
+    path.write_text("steps: 5\nlr: 0.01\ndata:\n  num_workers: 3\n")
+    args = _parse_args(
+        ["--config", str(path), "--checkpoint_dir", "x", "--steps", "2", "--data-source", "shards",
+         "--processed-root", "/p", "--dataset-id", "a", "--dataset-id", "b", "--amp", "--max-samples", "4"]
+    )
+    config = config_from_args(args)
+    assert (config.steps, config.lr, config.amp) == (2, 0.01, True)
+    assert (config.data.source, config.data.processed_root, config.data.dataset_ids) == ("shards", "/p", ["a", "b"])
+    assert (config.data.num_workers, config.data.max_samples) == (3, 4)
