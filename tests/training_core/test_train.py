@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -190,3 +191,24 @@ def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path: Path) -> None:
     config = TrainConfig.model_validate(checkpoint["config"] | {"steps": stopped_at + 2})
     assert train(config, ckpt, resume=True).steps == stopped_at + 2
     assert [row["step"] for row in _log(log)] == list(range(1, stopped_at + 3))
+
+
+def test_shards_of_several_datasets_train_and_resume_exactly(tmp_path: Path) -> None:
+    """source=shards over two datasets' train splits (an iterable dataset: a resume replays its batches)."""
+    from training_core.shards import build_shards
+
+    extracted = REPO / "sample_data" / "extracted"
+    processed = tmp_path / "processed"
+    datasets = ["kampala_buildings", "unlabeled_scenes"]
+    for dataset_id in datasets:
+        build_shards(extracted, processed, dataset_id)
+    data = DataConfig(source="shards", processed_root=str(processed), dataset_ids=datasets, patch_size=64)
+    config = _tiny_config(data=data, steps=4, checkpoint_every=10)
+    straight = train(config, tmp_path / "straight", resume=False)
+    train(config, tmp_path / "resumed", resume=False, stop_after_steps=2)
+    resumed = train(config, tmp_path / "resumed", resume=True)
+    assert straight.steps == resumed.steps == 4
+    assert all(math.isfinite(value) for value in straight.final_losses.values())
+    a, b = (load_checkpoint(result.checkpoint_path)["model"] for result in (straight, resumed))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=name)
