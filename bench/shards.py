@@ -3,7 +3,8 @@
 The sample tiles (kampala_buildings, images and masks) are replicated under new stems to at least
 --items items in a temp folder. The floor is a bare single-process loop that reads every input with
 rasterio and writes it uncompressed; the build is `build_shards` with its default parallelism. Both run
---repeats times in this process, interleaved, and the fastest run of each counts. The 1-minute load
+--repeats times in this process, interleaved; the fastest run of each counts, and the median ratio of
+each build to the floor run just before it is printed too. The 1-minute load
 average before and after is printed too: on a shared 2-core machine the parallel build needs both cores.
 Targets: build/floor <= 0.8 on 2 cores, peak RSS < 500 MB (this process plus every worker process, each
 at its own peak).
@@ -17,6 +18,7 @@ import math
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -108,6 +110,9 @@ def main() -> None:
                     "build_wall_s": round(build_s, 3),
                     "floor_wall_s": round(floor_s, 3),
                     "ratio_build_to_floor": round(build_s / floor_s, 3),
+                    "ratio_median_of_pairs": round(
+                        statistics.median(b / f for b, f in zip(builds, floors, strict=True)), 3
+                    ),
                     "peak_rss_mb": round(self_mb + workers * worker_mb, 1),
                     "peak_rss_main_mb": round(self_mb, 1),
                     "peak_rss_worker_mb": round(worker_mb, 1),
