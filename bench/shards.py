@@ -4,8 +4,8 @@ The sample tiles (kampala_buildings, images and masks) are replicated under new 
 --items items in a temp folder. The floor is a bare single-process loop that reads every input with
 rasterio and writes it uncompressed; the build is `build_shards` with its default parallelism. Both run
 --repeats times in this process, interleaved; the fastest run of each counts, and the median ratio of
-each build to the floor run just before it is printed too. The 1-minute load
-average before and after is printed too: on a shared 2-core machine the parallel build needs both cores.
+each build to the floor run just before it is printed too, as is the 1-minute load average before and
+after: on a shared 2-core machine the parallel build needs both cores.
 Targets: build/floor <= 0.8 on 2 cores, peak RSS < 500 MB (this process plus every worker process, each
 at its own peak).
 """
