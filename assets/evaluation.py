@@ -1,0 +1,174 @@
+"""The ``iou_evaluation`` asset: Hungarian-matched IoU of the trained model and the k-means-RGB baseline.
+
+Labels are used here and nowhere else. Every registered dataset whose shards carry labels is scored;
+the summary JSON (metrics, datasets, data versions) is what the export reads and records.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from assets.datasets import DATASETS
+from assets.lineage import require_materialization
+from assets.resources import ProjectPaths
+from assets.training import png_markdown, trained_model
+from training_core.eval import BASELINE, MODEL, EvalReport, dataset_label_space, evaluate_checkpoint, render_comparison
+from training_core.headers import DatasetError
+from training_core.shards import read_manifest
+
+EVALUATION_GROUP = "evaluation"
+
+
+class EvaluationConfig(dg.Config):
+    k: int | None = Field(None, description="clusters per tile; default one per class of each dataset (at least 2)")
+    seed: int = Field(0, description="seed of the k-means-RGB baseline")
+
+
+@dg.asset(
+    deps=[trained_model],
+    group_name=EVALUATION_GROUP,
+    kinds={"scipy"},
+    description="Per-class IoU and mIoU on val (mapping fitted on metrics_train), model beside the k-means baseline.",
+)
+def iou_evaluation(
+    context: dg.AssetExecutionContext, config: EvaluationConfig, paths: ProjectPaths
+) -> dg.MaterializeResult:
+    training = require_materialization(context.instance, trained_model.key)
+    checkpoint = training["metadata"]["checkpoint_path"]
+    dataset_ids = labeled_datasets(context.instance, paths.processed_root)
+    if not dataset_ids:
+        raise dg.Failure(f"no registered dataset under {paths.processed_root} has labeled val tiles to score")
+    out_dir = Path(paths.artifacts_root) / "evaluations" / context.run_id
+    reports: dict[str, EvalReport] = {}
+    pictures: dict[str, Path] = {}
+    for dataset_id in dataset_ids:
+        reports[dataset_id] = evaluate_checkpoint(checkpoint, paths.processed_root, dataset_id, config.k, config.seed)
+        pictures[dataset_id] = render_comparison(reports[dataset_id], out_dir / f"{dataset_id}.png")
+        context.log.info(
+            f"{dataset_id}: K={reports[dataset_id].k} model mIoU {reports[dataset_id].miou(MODEL)} "
+            f"baseline {reports[dataset_id].miou(BASELINE)}"
+        )
+    summary = evaluation_summary(reports, checkpoint)
+    summary_path = write_json_atomic(out_dir / "summary.json", summary)
+    metrics = summary["metrics"]
+    return dg.MaterializeResult(
+        metadata={
+            "val_miou": metrics["val_miou"],
+            "baseline_val_miou": metrics["baseline_val_miou"],
+            "model_beats_baseline": metrics["model_beats_baseline"],
+            "per_class_iou": per_class_table(reports),
+            "per_dataset": metrics["per_dataset"],
+            "comparison": dg.MetadataValue.md(comparison_markdown(pictures)),
+            "datasets": dataset_ids,
+            "data_versions": summary["data_versions"],
+            "checkpoint_path": dg.MetadataValue.path(checkpoint),
+            "training_run_id": training["run_id"],
+            "summary_path": dg.MetadataValue.path(str(summary_path)),
+        }
+    )
+
+
+@dg.asset_check(asset=iou_evaluation)
+def model_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """The model's mean val mIoU is above the k-means-on-RGB baseline's (a warning: quality, not bad data)."""
+    metadata = require_materialization(context.instance, iou_evaluation.key)["metadata"]
+    model, baseline = metadata["val_miou"], metadata["baseline_val_miou"]
+    return dg.AssetCheckResult(
+        passed=bool(metadata["model_beats_baseline"]),
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"model val mIoU {model} vs k-means-RGB baseline {baseline}",
+        metadata={"val_miou": model, "baseline_val_miou": baseline},
+    )
+
+
+def labeled_datasets(instance: dg.DagsterInstance, processed_root: str) -> list[str]:
+    """Registered datasets whose built shards hold labeled val items."""
+    found = []
+    for dataset_id in sorted(instance.get_dynamic_partitions(DATASETS.name)):
+        try:
+            n_classes, _, _ = dataset_label_space(processed_root, dataset_id)
+            n_val = read_manifest(processed_root, dataset_id)["counts"].get("val", 0)
+        except DatasetError:
+            continue  # not built (yet)
+        if n_classes is not None and n_val > 0:
+            found.append(dataset_id)
+    return found
+
+
+def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[str, Any]:
+    """Metrics the export records and promotion compares: means over datasets of the val mIoU."""
+    per_dataset = {dataset_id: report.to_dict() for dataset_id, report in reports.items()}
+    model = mean_or_none([report.miou(MODEL) for report in reports.values()])
+    baseline = mean_or_none([report.miou(BASELINE) for report in reports.values()])
+    return {
+        "checkpoint": checkpoint,
+        "datasets": sorted(reports),
+        "data_versions": {dataset_id: report.data_version for dataset_id, report in reports.items()},
+        "metrics": {
+            "val_miou": model,
+            "baseline_val_miou": baseline,
+            "model_beats_baseline": None if model is None or baseline is None else model > baseline,
+            "per_dataset": {
+                dataset_id: {
+                    "k": row["k"],
+                    "val_miou": row["val_miou"],
+                    "baseline_miou": row["baseline_miou"],
+                    "mapping_fitted_on": row["mapping_fitted_on"],
+                }
+                for dataset_id, row in per_dataset.items()
+            },
+        },
+        "reports": per_dataset,
+    }
+
+
+def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
+    rows = []
+    for dataset_id, report in reports.items():
+        model, baseline = report.methods[MODEL].hungarian, report.methods[BASELINE].hungarian
+        if model is None or baseline is None:
+            continue
+        for label, iou in model.per_class_iou.items():
+            rows.append(
+                dg.TableRecord(
+                    {
+                        "dataset": dataset_id,
+                        "class": int(label),
+                        "model_iou": iou,
+                        "baseline_iou": baseline.per_class_iou.get(label),
+                    }
+                )
+            )
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("dataset", "string"),
+            dg.TableColumn("class", "int"),
+            dg.TableColumn("model_iou", "float"),
+            dg.TableColumn("baseline_iou", "float"),
+        ]
+    )
+    return dg.MetadataValue.table(rows, schema=schema)
+
+
+def comparison_markdown(pictures: dict[str, Path]) -> str:
+    """image | ground truth | model | baseline for a few val tiles of each dataset, inline in the UI."""
+    return "\n\n".join(f"**{dataset_id}**\n\n{png_markdown(dataset_id, path)}" for dataset_id, path in pictures.items())
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

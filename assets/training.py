@@ -1,0 +1,158 @@
+"""The ``trained_model`` asset: trains the segmentation model on the processed shards.
+
+Its run config is ``training_core.config.TrainConfig`` itself (schema derived in ``pydantic_config``),
+so the launchpad, the CLI config file and ``python -m training_core.train --config`` share one model.
+The jobs ``train_cpu`` and ``train_gpu`` materialize this same asset with different devices.
+"""
+
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from assets.datasets import DATASETS, processed_shards
+from assets.lineage import lineage_of_partitions
+from assets.pydantic_config import config_schema_from_model
+from assets.resources import ProjectPaths, TrainingDevice
+from training_core.config import TrainConfig
+from training_core.headers import DatasetError
+from training_core.shards import read_manifest
+from training_core.train import LOSS_PARTS, train
+
+TRAINING_GROUP = "training"
+TRAIN_CONFIG_SCHEMA = config_schema_from_model(TrainConfig)
+# The checkpoint folder depends on what shapes the weights, not on where they are computed: a run
+# moved from CPU to GPU (or retried on another host) resumes the same training.
+_NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
+
+
+@dg.asset(
+    deps=[processed_shards],
+    config_schema=TRAIN_CONFIG_SCHEMA,
+    group_name=TRAINING_GROUP,
+    kinds={"pytorch"},
+    pool="gpu",
+    # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes.
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
+    description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets.",
+)
+def trained_model(
+    context: dg.AssetExecutionContext, paths: ProjectPaths, training_device: TrainingDevice
+) -> dg.MaterializeResult:
+    config = training_config(TrainConfig.model_validate(context.op_config), context.instance, paths, training_device)
+    data_versions = {
+        dataset_id: read_manifest(paths.processed_root, dataset_id)["data_version"]
+        for dataset_id in config.data.dataset_ids
+    }
+    key = training_key(config, data_versions)
+    checkpoint_dir = paths.checkpoint_dir(context.asset_key.to_python_identifier(), key)
+    context.log.info(
+        f"training on {config.data.dataset_ids} with device={config.device}, {config.steps} steps, "
+        f"checkpoints in {checkpoint_dir}"
+    )
+    if training_device.torch_threads:
+        import torch
+
+        torch.set_num_threads(training_device.torch_threads)
+    result = train(
+        config, checkpoint_dir, resume=True, progress=lambda row: context.log.info(progress_line(row, config.steps))
+    )
+    loss_curve = write_loss_curve(Path(result.log_path), checkpoint_dir / "loss_curve.png")
+    return dg.MaterializeResult(
+        metadata={
+            "device": result.device,
+            "amp": result.amp,
+            "steps": result.steps,
+            "wall_s": round(result.wall_s, 2),
+            "images_per_s": round(result.images_per_s, 2),
+            "final_losses": {name: round(float(value), 6) for name, value in result.final_losses.items()},
+            "loss_curve": dg.MetadataValue.md(png_markdown("loss curve", loss_curve)),
+            "loss_curve_path": dg.MetadataValue.path(str(loss_curve)),
+            "checkpoint_path": dg.MetadataValue.path(str(result.checkpoint_path)),
+            "training_log": dg.MetadataValue.path(str(result.log_path)),
+            "training_key": key,
+            "datasets": list(config.data.dataset_ids),
+            "data_versions": data_versions,
+            "upstream": lineage_of_partitions(context.instance, processed_shards.key, config.data.dataset_ids),
+            "config": config.model_dump(mode="json"),
+        },
+    )
+
+
+def training_config(
+    requested: TrainConfig, instance: dg.DagsterInstance, paths: ProjectPaths, device: TrainingDevice
+) -> TrainConfig:
+    """The run config made concrete: shards of this deployment, the selected datasets, a real device.
+
+    Datasets default to every registered dataset partition whose shards hold unlabeled `train` items;
+    labeled items never reach training (they are for evaluation only).
+    """
+    dataset_ids = requested.data.dataset_ids or [
+        dataset_id
+        for dataset_id in sorted(instance.get_dynamic_partitions(DATASETS.name))
+        if has_train_items(paths.processed_root, dataset_id, requested.data.split)
+    ]
+    if not dataset_ids:
+        raise ValueError(f"no dataset under {paths.processed_root} has `{requested.data.split}` items to train on")
+    raw = requested.model_dump(mode="json")
+    raw["device"] = device.resolve(requested.device)
+    raw["data"].update(source="shards", processed_root=paths.processed_root, dataset_ids=dataset_ids)
+    return TrainConfig.model_validate(raw)
+
+
+def has_train_items(processed_root: str, dataset_id: str, split: str) -> bool:
+    """Whether the dataset's shards are built and hold items of ``split`` (unbuilt datasets are skipped)."""
+    try:
+        return read_manifest(processed_root, dataset_id)["counts"].get(split, 0) > 0
+    except DatasetError:
+        return False
+
+
+def training_key(config: TrainConfig, data_versions: dict[str, str]) -> str:
+    """Hash of what determines the weights (config minus device knobs, plus the shards' data versions)."""
+    shaping = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_TRAINING_KEY}
+    canonical = json.dumps({"config": shaping, "data_versions": data_versions}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def progress_line(row: dict[str, Any], total_steps: int) -> str:
+    """One run-log line per log interval: step, loss parts, K, throughput, ETA."""
+    losses = " ".join(f"{name}={float(row[name]):.4f}" for name in LOSS_PARTS if name in row)
+    return (
+        f"step {row['step']}/{total_steps} {losses} k={row.get('k')} "
+        f"{float(row['images_per_s']):.2f} img/s ETA {float(row['eta_s']):.0f}s"
+    )
+
+
+def write_loss_curve(log_path: Path, out_path: Path) -> Path:
+    """Plot every logged loss part against the step from the training JSONL log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    names = [name for name in LOSS_PARTS if any(name in row for row in rows)]
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name in names:
+        points = [(row["step"], row[name]) for row in rows if name in row]
+        axis.plot([step for step, _ in points], [value for _, value in points], label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    tmp.replace(out_path)
+    return out_path
+
+
+def png_markdown(title: str, png_path: Path) -> str:
+    """Markdown showing a PNG inline in the Dagster UI (data URI), with its path below."""
+    encoded = base64.b64encode(png_path.read_bytes()).decode()
+    return f"![{title}](data:image/png;base64,{encoded})\n\n`{png_path}`"

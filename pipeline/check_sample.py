@@ -1,0 +1,67 @@
+"""``python -m pipeline.check_sample``: what CI asserts after ``sample_pipeline`` ran.
+
+The exported artifact exists, loads in the numpy runtime and segments a real sample tile, and its
+``meta.json`` lineage names the datasets with the data versions (content hashes) they have right now,
+plus the runs of every upstream stage. Prints one JSON line; exits non-zero with the reason otherwise.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import rasterio
+
+from assets.export import runtime_artifact
+from assets.lineage import require_materialization
+from assets.resources import ProjectPaths
+from pipeline.definitions import defs
+from runtime_export.runtime import META_FILENAME, load_runtime_model
+from training_core.headers import dataset_content_hash
+
+UPSTREAM_RUNS = ("evaluation", "training", "shards", "header")
+
+
+def check_sample_artifact(instance: dg.DagsterInstance, paths: ProjectPaths) -> dict[str, Any]:
+    """Raise AssertionError naming the first problem; return a summary when the artifact is sound."""
+    artifact_dir = Path(require_materialization(instance, runtime_artifact.key)["metadata"]["artifact_dir"])
+    meta = json.loads((artifact_dir / META_FILENAME).read_text())
+    lineage = meta["lineage"]
+    assert lineage["datasets"], f"{artifact_dir}: lineage names no dataset"
+    for dataset_id in lineage["datasets"]:
+        current = dataset_content_hash(paths.dataset_dir(dataset_id))
+        recorded = lineage["data_versions"].get(dataset_id)
+        assert recorded == current, f"{artifact_dir}: data version of {dataset_id} is {recorded}, data is {current}"
+    for stage in UPSTREAM_RUNS:
+        assert lineage["runs"].get(stage), f"{artifact_dir}: lineage has no {stage} run id"
+    model = load_runtime_model(artifact_dir)
+    tile_path = sorted(paths.dataset_dir(lineage["trained_on"][0]).rglob("*.tif"))[0]
+    with rasterio.open(tile_path) as src:
+        rgb = src.read(indexes=[1, 2, 3]).astype(np.uint8)
+    labels = model.predict_labels(rgb, 2)
+    assert labels.shape == rgb.shape[1:], f"labels {labels.shape} for a tile of {rgb.shape[1:]}"
+    return {
+        "artifact_dir": str(artifact_dir),
+        "datasets": lineage["datasets"],
+        "data_versions": lineage["data_versions"],
+        "runs": lineage["runs"],
+        "val_miou": meta["metrics"].get("val_miou"),
+        "segmented": str(tile_path),
+    }
+
+
+def main() -> int:
+    try:
+        with dg.DagsterInstance.get() as instance:
+            summary = check_sample_artifact(instance, defs.resources["paths"])
+    except (AssertionError, dg.Failure, OSError, KeyError) as exc:
+        print(f"sample artifact check failed: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

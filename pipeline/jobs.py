@@ -1,0 +1,105 @@
+"""Jobs: named selections of the one asset graph, each with the tags and config its purpose needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from assets.datasets import dataset_header, processed_shards, raw_dataset
+from assets.evaluation import iou_evaluation
+from assets.export import best_model, runtime_artifact
+from assets.training import trained_model
+from training_core.headers import discover_datasets
+
+SAMPLE_EXTRACTED_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
+SAMPLE_DATASETS = discover_datasets(SAMPLE_EXTRACTED_ROOT)
+
+# A short CPU training budget on the sample tiles, shared by the CLI (-c) and the launchpad default.
+SAMPLE_RUN_CONFIG_PATH = Path(__file__).with_name("sample_run.yaml")
+SAMPLE_RUN_CONFIG = yaml.safe_load(SAMPLE_RUN_CONFIG_PATH.read_text())
+
+# What a GPU training pod asks Kubernetes for (read by dagster-k8s's run launcher from the run tags).
+GPU_K8S_CONFIG = {
+    "container_config": {
+        "resources": {
+            "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+            "limits": {"memory": "32Gi", "nvidia.com/gpu": "1"},
+        }
+    },
+    "pod_spec_config": {"node_selector": {"nvidia.com/gpu.present": "true"}},
+}
+
+
+def training_run_config(**overrides: object) -> dict:
+    return {"ops": {trained_model.op.name: {"config": overrides}}}
+
+
+observe_raw_datasets = dg.define_asset_job(
+    "observe_raw_datasets",
+    selection=[raw_dataset],
+    description="Register every dataset folder as a partition and record its content hash (data version).",
+)
+
+build_shards_job = dg.define_asset_job(
+    "build_shards",
+    selection=[dataset_header, processed_shards],
+    description="Header extraction and shard build for the selected dataset partitions.",
+)
+
+refresh_dataset = dg.define_asset_job(
+    "refresh_dataset",
+    selection=dg.AssetSelection.assets(dataset_header).downstream(),
+    description="One dataset's header and shards rebuilt, then everything downstream of them (training, "
+    "evaluation, export). What the sensor and the nightly schedule launch for a new or changed dataset.",
+)
+
+train_cpu = dg.define_asset_job(
+    "train_cpu",
+    selection=[trained_model],
+    config=training_run_config(device="cpu"),
+    tags={"segpipe/device": "cpu"},
+    description="Train on the CPU of the run's host.",
+)
+
+train_gpu = dg.define_asset_job(
+    "train_gpu",
+    selection=[trained_model],
+    config=training_run_config(device="cuda"),
+    tags={"segpipe/device": "cuda", "dagster-k8s/config": GPU_K8S_CONFIG},
+    description="Train on one CUDA GPU: the `gpu` pool admits one training at a time; on Kubernetes the run "
+    "pod requests one nvidia.com/gpu.",
+)
+
+evaluate_and_export = dg.define_asset_job(
+    "evaluate_and_export",
+    selection=[iou_evaluation, runtime_artifact, best_model],
+    description="Score the latest trained model, export the numpy artifact, promote it if not worse.",
+)
+
+sample_pipeline = dg.define_asset_job(
+    "sample_pipeline",
+    selection=dg.AssetSelection.assets(
+        dataset_header, processed_shards, trained_model, iou_evaluation, runtime_artifact, best_model
+    ),
+    config=SAMPLE_RUN_CONFIG,
+    # One run over every sample dataset: the partitions must be registered first (observe_raw_datasets),
+    # because Dagster resolves a run's partition range when it creates the run.
+    tags={
+        "dagster/asset_partition_range_start": SAMPLE_DATASETS[0],
+        "dagster/asset_partition_range_end": SAMPLE_DATASETS[-1],
+        "segpipe/device": "cpu",
+    },
+    description="The whole graph on the bundled sample data with a short CPU training budget (what CI runs).",
+)
+
+ALL_JOBS = [
+    observe_raw_datasets,
+    build_shards_job,
+    refresh_dataset,
+    train_cpu,
+    train_gpu,
+    evaluate_and_export,
+    sample_pipeline,
+]

@@ -1,0 +1,126 @@
+"""Data-plane assets and their checks on real sample tiles, through a direct call and `materialize`."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+
+import assets.datasets
+from assets import checks
+from assets.datasets import dataset_header, processed_shards, raw_dataset
+from assets.resources import ProjectPaths
+from assets.training import trained_model
+from training_core.headers import dataset_content_hash, load_header
+from training_core.shards import INDEX_FILENAME, build_shards, shard_dirs
+
+DATA_PLANE_CHECKS = [
+    checks.header_matches_files,
+    checks.every_item_in_one_split,
+    checks.split_counts_follow_rule,
+    checks.index_paths_inside_shard,
+    checks.tiles_open_with_expected_shape,
+]
+
+
+def test_dataset_header_called_directly_writes_the_header_and_its_yaml_metadata(
+    resources: dict, instance: dg.DagsterInstance
+) -> None:
+    paths: ProjectPaths = resources["paths"]
+    context = dg.build_asset_context(partition_key="quebec_buildings", instance=instance)
+    result = dataset_header(context=context, paths=paths)
+    header = load_header(paths.header_path("quebec_buildings"))
+    assert header.dataset_id == "quebec_buildings"
+    assert result.metadata["data_version"] == dataset_content_hash(paths.dataset_dir("quebec_buildings"))
+    assert "dataset_id: quebec_buildings" in result.metadata["header"].value
+
+
+def test_header_and_shards_materialize_with_counts_metadata_and_passing_checks(
+    resources: dict, instance: dg.DagsterInstance
+) -> None:
+    result = dg.materialize(
+        [dataset_header, processed_shards, *DATA_PLANE_CHECKS],
+        resources=resources,
+        instance=instance,
+        partition_key="quebec_buildings",
+    )
+    assert result.success
+    (shards,) = result.asset_materializations_for_node("processed_shards")
+    metadata = {key: value.value for key, value in shards.metadata.items()}
+    # 2 labeled tiles: half-up(0.25 * 2) = 1 to metrics_train, the other to val, nothing unlabeled.
+    assert (metadata["count_train"], metadata["count_metrics_train"], metadata["count_val"]) == (0, 1, 1)
+    assert metadata["crs"] and metadata["bytes_written"] > 0 and metadata["label_values"]
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == len(DATA_PLANE_CHECKS)
+    assert all(evaluation.passed for evaluation in evaluations)
+
+
+def test_observation_registers_new_folders_as_partitions_with_content_hash_versions(
+    resources: dict, extracted_root: Path
+) -> None:
+    observe = dg.define_asset_job("observe", selection=[raw_dataset])
+    job = dg.Definitions(assets=[raw_dataset], jobs=[observe], resources=resources).get_job_def("observe")
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(instance=instance).success
+        assert sorted(instance.get_dynamic_partitions("datasets")) == ["quebec_buildings", "unlabeled_scenes"]
+        record = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=raw_dataset.key, asset_partitions=["quebec_buildings"]), limit=1
+        ).records[0]
+        observed = record.asset_observation.tags["dagster/data_version"]
+        assert observed == dataset_content_hash(extracted_root / "quebec_buildings")
+
+
+def test_a_ranged_run_builds_every_dataset_and_prefixes_metadata_by_dataset(
+    resources: dict, instance: dg.DagsterInstance
+) -> None:
+    result = dg.materialize(
+        [dataset_header, processed_shards],
+        resources=resources,
+        instance=instance,
+        tags={
+            "dagster/asset_partition_range_start": "quebec_buildings",
+            "dagster/asset_partition_range_end": "unlabeled_scenes",
+        },
+    )
+    assert result.success
+    shards = result.asset_materializations_for_node("processed_shards")
+    assert sorted(m.partition for m in shards) == ["quebec_buildings", "unlabeled_scenes"]
+    assert shards[0].metadata["unlabeled_scenes/count_train"].value == 3
+
+
+def test_a_failed_blocking_check_stops_everything_downstream(
+    resources: dict, instance: dg.DagsterInstance, monkeypatch
+) -> None:
+    """Shards that lose an item fail `every_item_in_one_split`; training must then not run."""
+
+    def build_and_lose_one_item(*args, **kwargs):
+        report = build_shards(*args, **kwargs)
+        (shard_dir,) = shard_dirs(kwargs.get("processed_root", args[1]), args[2], "val")
+        (shard_dir / INDEX_FILENAME).write_text("")
+        return report
+
+    monkeypatch.setattr(assets.datasets, "build_shards", build_and_lose_one_item)
+    result = dg.materialize(
+        [dataset_header, processed_shards, trained_model, *DATA_PLANE_CHECKS],
+        resources=resources,
+        instance=instance,
+        partition_key="quebec_buildings",
+        raise_on_error=False,
+    )
+    assert not result.success
+    failed = {e.check_name: e for e in result.get_asset_check_evaluations() if not e.passed}
+    assert "every_item_in_one_split" in failed
+    assert "in no split" in failed["every_item_in_one_split"].metadata["problems"].value
+    assert not result.asset_materializations_for_node("trained_model")
+    skipped = [e for e in result.all_events if e.event_type_value == "STEP_SKIPPED" or e.is_step_skipped]
+    assert any(event.step_key == "trained_model" for event in skipped) or not any(
+        e.step_key == "trained_model" and e.is_step_start for e in result.all_events
+    )
+
+
+def test_processed_shards_manifest_records_the_raw_content_hash(resources: dict, instance: dg.DagsterInstance) -> None:
+    dg.materialize(
+        [dataset_header, processed_shards], resources=resources, instance=instance, partition_key="unlabeled_scenes"
+    )
+    paths: ProjectPaths = resources["paths"]
+    manifest = json.loads((Path(paths.processed_root) / "unlabeled_scenes" / "manifest.json").read_text())
+    assert manifest["data_version"] == dataset_content_hash(paths.dataset_dir("unlabeled_scenes"))
