@@ -585,9 +585,10 @@ def layout_header(dataset_dir: str | Path, dataset_id: str | None = None) -> Dat
     target = None
     if (dataset_dir / TARGET_FOLDER).is_dir():
         target_pattern, target_raw = _layout_pattern(dataset_dir, TARGET_FOLDER)
-        if target_raw and target_raw != raw or bool(target_raw) != bool(raw):
+        if bool(target_raw) != bool(raw):  # masks in fewer raw splits than images is fine, a flat/nested mix not
             raise DatasetError(
-                f"{dataset_dir / TARGET_FOLDER}: raw split folders {target_raw} differ from {INPUT_FOLDER}/ {raw}"
+                f"{dataset_dir / TARGET_FOLDER}: raw split folders {target_raw} but {INPUT_FOLDER}/ has {raw}; "
+                "use the same layout for both"
             )
         target_channels = ROLE_CHANNELS["target"]
         modalities.append(

@@ -144,15 +144,20 @@ def test_raw_split_folders(tmp_path: Path, write_tif) -> None:
     rgb, mask = np.zeros((3, 8, 8), np.uint8), np.ones((1, 8, 8), np.uint8)
     for split, stem in (("train", "a"), ("train", "b"), ("test", "c")):
         write_tif(dataset / "images" / split / f"{stem}.tif", rgb)
-        write_tif(dataset / "masks" / split / f"{stem}.tif", mask)
+    write_tif(dataset / "masks" / "test" / "c.tif", mask)  # only the held-out split is labeled
     header = extract_header(dataset)
     assert header.input.pattern == "images/{split}/*.tif" and header.splits.raw == ["test", "train"]
+    assert header.target.pattern == "masks/{split}/*.tif"
     items = discover_items(dataset, header)
     assert [(i.item_id, i.raw_split, i.labeled) for i in items] == [
-        ("a", "train", True),
-        ("b", "train", True),
+        ("a", "train", False),
+        ("b", "train", False),
         ("c", "test", True),
     ]
+    shutil.rmtree(dataset / "masks" / "test")
+    write_tif(dataset / "masks" / "c.tif", mask)
+    with pytest.raises(DatasetError, match=r"masks: raw split folders \[\] but images/ has \['test', 'train'\]"):
+        extract_header(dataset)
 
 
 def test_patterns_stay_in_one_segment_and_ignore_case(tmp_path: Path, write_tif) -> None:
