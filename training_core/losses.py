@@ -8,6 +8,8 @@ on the patch size nor on the K drawn for the step. Targets never reach this modu
 - marginal entropy (maximised, so it enters negated): the batch should use all K clusters; the
   cluster masses are summed over every DDP rank before the entropy is taken;
 - edge-aware smoothness: neighbouring pixels agree unless the input colour changes between them.
+
+Pixels outside the data (padding of small rasters, nodata) carry weight 0 in every term.
 """
 
 from __future__ import annotations
@@ -19,78 +21,97 @@ import torch
 import torch.nn.functional as F
 
 from training_core.config import LossConfig
-from training_core.data.views import warp
+from training_core.data.views import TwoViews, warp
 
 EPS = 1e-8
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-pixel ``values`` [B, h, w], weighted by ``weight`` [B, 1, h, w] (None = plain mean)."""
+    if weight is None:
+        return values.mean()
+    weight = weight.squeeze(1)
+    return (values * weight).sum() / weight.sum().clamp_min(EPS)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel mean of ``(KL(p||q) + KL(q||p)) / 2`` for probabilities [B, K, h, w] over dim 1."""
     log_ratio = torch.log(p.clamp_min(EPS)) - torch.log(q.clamp_min(EPS))
-    return 0.5 * ((p - q) * log_ratio).sum(dim=1).mean()
+    return _mean(0.5 * ((p - q) * log_ratio).sum(dim=1), weight)
 
 
-def pixel_entropy(p: torch.Tensor) -> torch.Tensor:
+def pixel_entropy(p: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel mean entropy of [B, K, h, w] probabilities, in units of log K (0..1)."""
     entropy = -(p * torch.log(p.clamp_min(EPS))).sum(dim=1)
-    return entropy.mean() / math.log(p.shape[1])
+    return _mean(entropy, weight) / math.log(p.shape[1])
 
 
-def marginal_entropy(p: torch.Tensor, all_reduce: AllReduce | None = None) -> torch.Tensor:
+def marginal_entropy(
+    p: torch.Tensor, all_reduce: AllReduce | None = None, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Entropy (units of log K) of the mean cluster distribution over every pixel of the global batch.
 
     ``all_reduce`` sums a tensor over DDP ranks (differentiably) so all ranks see the same marginal.
     """
-    mass = p.sum(dim=(0, 2, 3))
-    count = torch.tensor(float(p.shape[0] * p.shape[2] * p.shape[3]), device=p.device)
+    if weight is None:
+        mass = p.sum(dim=(0, 2, 3))
+        count = torch.tensor(float(p.shape[0] * p.shape[2] * p.shape[3]), device=p.device)
+    else:
+        mass = (p * weight).sum(dim=(0, 2, 3))
+        count = weight.sum()
     if all_reduce is not None:
         mass, count = all_reduce(mass), all_reduce(count)
-    marginal = mass / count
+    marginal = mass / count.clamp_min(EPS)
     return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / math.log(p.shape[1])
 
 
-def edge_aware_smoothness(p: torch.Tensor, image: torch.Tensor, sharpness: float) -> torch.Tensor:
+def edge_aware_smoothness(
+    p: torch.Tensor, image: torch.Tensor, sharpness: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over neighbour pairs of ``exp(-sharpness * colour step) * total-variation distance``.
 
-    ``image`` [B, 3, h, w] is the input at the resolution of ``p`` (average-pooled to stride 4).
+    ``image`` [B, 3, h, w] is the input at the resolution of ``p`` (average-pooled to stride 4); a pair
+    counts with the product of its two pixels' ``weight``.
     """
     terms = []
     for dim in (2, 3):
         n = p.shape[dim] - 1
         prob_step = 0.5 * (p.narrow(dim, 1, n) - p.narrow(dim, 0, n)).abs().sum(dim=1)
         colour_step = (image.narrow(dim, 1, n) - image.narrow(dim, 0, n)).abs().mean(dim=1)
-        terms.append((torch.exp(-sharpness * colour_step) * prob_step).mean())
+        pair_weight = None if weight is None else weight.narrow(dim, 1, n) * weight.narrow(dim, 0, n)
+        terms.append(_mean(torch.exp(-sharpness * colour_step) * prob_step, pair_weight))
     return 0.5 * (terms[0] + terms[1])
 
 
 def two_view_losses(
     probs1: torch.Tensor,
     probs2: torch.Tensor,
-    grid: torch.Tensor,
-    view1: torch.Tensor,
-    view2: torch.Tensor,
+    views: TwoViews,
     weights: LossConfig,
     all_reduce: AllReduce | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss parts and their weighted ``total`` for one batch of two views.
 
-    ``probs1``/``probs2``: stride-4 probabilities [B, K, h, w] of view 1 and view 2; ``grid``: the warp
-    grid at (h, w) taking view 2 into view 1's frame; ``view1``/``view2``: the full-size input views.
+    ``probs1``/``probs2``: stride-4 probabilities [B, K, h, w] of ``views.view1`` / ``views.view2``.
+    The views' inputs and valid masks are average-pooled to (h, w); view 2 is warped into view 1's
+    frame by the grid at (h, w). Pixels are weighted by their valid fraction (padding, nodata count 0).
     """
     probs1, probs2 = probs1.float(), probs2.float()
     size = probs1.shape[-2:]
-    image1 = F.adaptive_avg_pool2d(view1.float(), size)
-    image2 = F.adaptive_avg_pool2d(view2.float(), size)
-    both = torch.cat([probs1, probs2])
+    image1, image2, valid1, valid2 = (
+        F.adaptive_avg_pool2d(t.float(), size) for t in (views.view1, views.view2, views.valid1, views.valid2)
+    )
+    grid = views.grid(size[-1])
+    both, valid_both = torch.cat([probs1, probs2]), torch.cat([valid1, valid2])
     parts = {
-        "consistency": symmetric_kl(probs1, warp(probs2, grid)),
-        "pixel_entropy": pixel_entropy(both),
-        "marginal_entropy": marginal_entropy(both, all_reduce),
+        "consistency": symmetric_kl(probs1, warp(probs2, grid), valid1 * warp(valid2, grid)),
+        "pixel_entropy": pixel_entropy(both, valid_both),
+        "marginal_entropy": marginal_entropy(both, all_reduce, valid_both),
         "smoothness": 0.5
         * (
-            edge_aware_smoothness(probs1, image1, weights.edge_sharpness)
-            + edge_aware_smoothness(probs2, image2, weights.edge_sharpness)
+            edge_aware_smoothness(probs1, image1, weights.edge_sharpness, valid1)
+            + edge_aware_smoothness(probs2, image2, weights.edge_sharpness, valid2)
         ),
     }
     parts["total"] = (

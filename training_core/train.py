@@ -103,22 +103,24 @@ def step_losses(
     generator: torch.Generator,
     policy: DevicePolicy,
     all_reduce: AllReduce | None = None,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward both views of ``images`` [B, 3, P, P] (on the device) in one batch and return the loss parts.
 
-    The losses use the stride-4 probabilities; the warp grid is built at that resolution, which is exact
-    because the (downsampled) patch side is a multiple of 4 (checked by TrainConfig).
+    ``valid`` [B, P, P] marks real pixels (None: all). The losses use the stride-4 probabilities; the
+    warp grid is built at that resolution, which is exact because the (downsampled) patch side is a
+    multiple of 4 (checked by TrainConfig).
     """
     if plan.downsample > 1:
         images = F.avg_pool2d(images, plan.downsample)
-    views = make_views(images, config.augment, generator)
+        valid = None if valid is None else F.avg_pool2d(valid[:, None].float(), plan.downsample)[:, 0]
+    views = make_views(images, config.augment, generator, valid)
     with policy.autocast():
         output = model(
             torch.cat([views.view1, views.view2]), plan.k, cluster_iters=plan.cluster_iters, upsample=False
         )
     probs1, probs2 = output.low_res_probs.chunk(2)
-    grid = views.grid(probs1.shape[-1])
-    return two_view_losses(probs1, probs2, grid, views.view1, views.view2, config.loss, all_reduce)
+    return two_view_losses(probs1, probs2, views, config.loss, all_reduce)
 
 
 def endless_batches(loader: DataLoader, skip: int = 0) -> Iterator[dict]:
@@ -259,12 +261,14 @@ def _train(
             plan = plan_step(config, step)
             sums = torch.zeros(len(LOSS_PARTS), device=policy.device)
             for micro in range(config.grad_accum):
-                images = next(batches)["image"].to(policy.device, non_blocking=True)
+                batch = next(batches)
+                images = batch["image"].to(policy.device, non_blocking=True)
+                valid = batch["valid"].to(policy.device, non_blocking=True) if "valid" in batch else None
                 generator = view_generator(config.seed, step, dist_ctx.rank, micro, policy.device)
                 # DDP all-reduces gradients once per step: skip the sync on all but the last micro-batch.
                 last_micro = micro == config.grad_accum - 1
                 with ddp_model.no_sync() if dist_ctx.enabled and not last_micro else contextlib.nullcontext():
-                    parts = step_losses(ddp_model, images, plan, config, generator, policy, all_reduce)
+                    parts = step_losses(ddp_model, images, plan, config, generator, policy, all_reduce, valid)
                     scaler.scale(parts["total"] / config.grad_accum).backward()
                 sums += torch.stack([parts[name].detach().float() for name in LOSS_PARTS])
 

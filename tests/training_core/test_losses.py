@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from training_core.config import LossConfig
-from training_core.data.views import dihedral, warp_grid
+from training_core.data.views import TwoViews, dihedral
 from training_core.losses import edge_aware_smoothness, marginal_entropy, pixel_entropy, symmetric_kl, two_view_losses
 
 
@@ -69,16 +69,28 @@ def test_smoothness_is_cheaper_across_colour_edges() -> None:
     assert edge_aware_smoothness(torch.full((1, 2, 8, 8), 0.5), flat, 10.0).item() == 0.0
 
 
-def test_aligned_views_have_zero_consistency_and_the_total_combines_parts() -> None:
-    probs = _random_probs(8, 4, 8)
-    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+def _aligned_views(probs: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> tuple:
+    """Probabilities and views of one scene under 8 different transform pairs (perfectly consistent)."""
     codes1, codes2 = list(range(8)), [(c + 3) % 8 for c in range(8)]
     probs1 = torch.stack([dihedral(p, c) for p, c in zip(probs, codes1, strict=True)])
     probs2 = torch.stack([dihedral(p, c) for p, c in zip(probs, codes2, strict=True)])
-    view1 = torch.stack([dihedral(x, c) for x, c in zip(images, codes1, strict=True)])
-    view2 = torch.stack([dihedral(x, c) for x, c in zip(images, codes2, strict=True)])
+    views = TwoViews(
+        view1=torch.stack([dihedral(x, c) for x, c in zip(images, codes1, strict=True)]),
+        view2=torch.stack([dihedral(x, c) for x, c in zip(images, codes2, strict=True)]),
+        codes1=codes1,
+        codes2=codes2,
+        valid1=torch.stack([dihedral(v, c) for v, c in zip(valid, codes1, strict=True)]),
+        valid2=torch.stack([dihedral(v, c) for v, c in zip(valid, codes2, strict=True)]),
+    )
+    return probs1, probs2, views
+
+
+def test_aligned_views_have_zero_consistency_and_the_total_combines_parts() -> None:
+    probs = _random_probs(8, 4, 8)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    probs1, probs2, views = _aligned_views(probs, images, torch.ones(8, 1, 32, 32))
     weights = LossConfig()
-    parts = two_view_losses(probs1, probs2, warp_grid(codes1, codes2, 8), view1, view2, weights)
+    parts = two_view_losses(probs1, probs2, views, weights)
     assert parts["consistency"].item() == pytest.approx(0.0, abs=1e-7)
     expected = (
         weights.consistency * parts["consistency"]
@@ -88,3 +100,19 @@ def test_aligned_views_have_zero_consistency_and_the_total_combines_parts() -> N
     )
     assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(math.isfinite(v.item()) for v in parts.values())
+
+
+def test_invalid_pixels_do_not_count() -> None:
+    """Whatever the model predicts on padding / nodata (right half invalid) leaves every loss unchanged."""
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(8, 1, 32, 32)
+    valid[..., 16:] = 0
+    probs = _random_probs(8, 4, 8, seed=4)
+    other = probs.clone()
+    other[..., 4:] = _random_probs(8, 4, 8, seed=5)[..., 4:]
+    base = two_view_losses(*_aligned_views(probs, images, valid), LossConfig())
+    changed = two_view_losses(*_aligned_views(other, images, valid), LossConfig())
+    for name, value in base.items():
+        assert changed[name].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), name
+    unmasked = two_view_losses(*_aligned_views(other, images, torch.ones_like(valid)), LossConfig())
+    assert unmasked["total"].item() != pytest.approx(base["total"].item(), rel=1e-4)

@@ -56,6 +56,19 @@ def test_make_views_without_noise_are_aligned_by_their_grid() -> None:
         assert torch.equal(views.view1[i], dihedral(images[i], code))
 
 
+def test_valid_mask_moves_with_each_view() -> None:
+    images = _dyadic_image(16).repeat(4, 1, 1, 1)
+    valid = torch.zeros(4, 16, 16, dtype=torch.bool)
+    valid[:, :10, :5] = True  # e.g. a raster smaller than the patch, padded bottom and right
+    views = make_views(images, AugmentConfig(noise_std=0.0), torch.Generator().manual_seed(1), valid)
+    assert views.valid1.shape == (4, 1, 16, 16)
+    for i, code in enumerate(views.codes2):
+        assert torch.equal(views.valid2[i, 0], dihedral(valid[i].float(), code))
+    assert torch.equal(warp(views.valid2, views.grid(16)), views.valid1)
+    no_mask = make_views(images, AugmentConfig(), torch.Generator().manual_seed(1))
+    assert torch.equal(no_mask.valid1, torch.ones(4, 1, 16, 16))
+
+
 def test_noise_and_jitter_stay_in_range_and_differ_per_view() -> None:
     images = torch.full((2, 3, 16, 16), 0.5)
     augment = AugmentConfig(flip=False, rot90=False, noise_std=0.1, colour_jitter=0.4)

@@ -57,6 +57,8 @@ class TwoViews:
     view2: torch.Tensor
     codes1: list[int]  # dihedral code per sample
     codes2: list[int]
+    valid1: torch.Tensor  # [B, 1, P, P] float, 1 = real pixel, 0 = padding / nodata (moved with view 1)
+    valid2: torch.Tensor
 
     def grid(self, size: int) -> torch.Tensor:
         """Warp grid at resolution ``size`` (P, or P / 4 for the model's stride-4 outputs)."""
@@ -91,10 +93,13 @@ def _augment(
     return view.clamp(0.0, 1.0) if augment.colour_jitter > 0 or augment.noise_std > 0 else view
 
 
-def make_views(images: torch.Tensor, augment: AugmentConfig, generator: torch.Generator) -> TwoViews:
+def make_views(
+    images: torch.Tensor, augment: AugmentConfig, generator: torch.Generator, valid: torch.Tensor | None = None
+) -> TwoViews:
     """Two independently augmented views of ``images`` [B, 3, P, P] (P square), drawn from ``generator``.
 
-    ``generator`` must live on ``images.device`` so the noise is drawn where it is used.
+    ``valid`` [B, P, P] (bool or float; None = all valid) is transformed with each view so the losses can
+    leave padding and nodata out. ``generator`` must live on ``images.device`` (noise is drawn there).
     """
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"two views need square images [B, 3, P, P], got {tuple(images.shape)}")
@@ -102,4 +107,10 @@ def make_views(images: torch.Tensor, augment: AugmentConfig, generator: torch.Ge
     codes2 = _draw_codes(images.shape[0], augment, generator)
     view1 = _augment(images, codes1, augment, generator)
     view2 = _augment(images, codes2, augment, generator)
-    return TwoViews(view1=view1, view2=view2, codes1=codes1, codes2=codes2)
+    if valid is None:
+        valid1 = valid2 = torch.ones_like(images[:, :1])
+    else:
+        mask = valid.to(images.dtype).unsqueeze(1)
+        valid1 = torch.stack([dihedral(m, code) for m, code in zip(mask, codes1, strict=True)])
+        valid2 = torch.stack([dihedral(m, code) for m, code in zip(mask, codes2, strict=True)])
+    return TwoViews(view1=view1, view2=view2, codes1=codes1, codes2=codes2, valid1=valid1, valid2=valid2)
