@@ -32,6 +32,7 @@ import torch
 from training_core.baseline import kmeans_rgb_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig
+from training_core.data.synthetic import synthetic_tile
 from training_core.headers import HEADER_FILENAME, load_header
 from training_core.metrics import (
     Scores,
@@ -208,7 +209,7 @@ def evaluate_tiles(
             if tile.label is None:
                 continue
             for name, predict in predict_fns.items():
-                fit_conf[name] += confusion_matrix(predict(tile.rgb, k), tile.label, k, n_classes, ignore_leq)
+                fit_conf[name] += _confusion(predict(tile.rgb, k), tile, k, n_classes, ignore_leq)
     for tile in eval_tiles:
         n_eval += 1
         predictions = {}
@@ -217,7 +218,7 @@ def evaluate_tiles(
             flipped = predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]), k)[:, ::-1]
             proxies[name].append({**label_proxies(pred, k), "view_consistency": view_consistency(pred, flipped, k)})
             if n_classes is not None and tile.label is not None:
-                eval_conf[name] += confusion_matrix(pred, tile.label, k, n_classes, ignore_leq)
+                eval_conf[name] += _confusion(pred, tile, k, n_classes, ignore_leq)
             predictions[name] = pred
         if len(samples) < n_samples:
             samples.append(Sample(tile.item_id, tile.rgb, tile.label, predictions))
@@ -244,6 +245,13 @@ def evaluate_tiles(
         wall_s=time.perf_counter() - started,
         samples=samples,
     )
+
+
+def _confusion(pred: np.ndarray, tile: LabeledTile, k: int, n_classes: int, ignore_leq: int) -> np.ndarray:
+    try:
+        return confusion_matrix(pred, tile.label, k, n_classes, ignore_leq)
+    except ValueError as exc:  # e.g. a label value the dataset's manifest does not list
+        raise ValueError(f"tile {tile.item_id}: {exc}") from exc
 
 
 def _mean_proxies(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -309,8 +317,6 @@ def evaluate_synthetic(model: SegmentationModel, k: int, seed: int, n_tiles: int
 
     Synthetic region ids are arbitrary per tile, so no dataset-level mapping is scored.
     """
-    from training_core.data.synthetic import synthetic_tile
-
     tiles = (LabeledTile(f"synthetic-{i}", synthetic_tile(seed, i, tile_size)[0], None) for i in range(n_tiles))
     predictors = {MODEL: torch_predict_fn(model), BASELINE: baseline_predict_fn(seed)}
     return evaluate_tiles(predictors, [], tiles, k, None, dataset_id=None)

@@ -192,3 +192,10 @@ def test_cli_synthetic_proxies(tmp_path: Path, capsys) -> None:
     assert report["mapping_fitted_on"] is None and report["n_eval_tiles"] == 2
     assert report["methods"][MODEL]["proxies"]["utilisation"] > 0
     assert report["methods"][BASELINE]["proxies"]["view_consistency"] > 0
+
+
+def test_label_outside_the_class_range_names_the_tile() -> None:
+    predictor = _lookup_predictor({0: np.zeros((1, 2), np.uint8), 1: np.zeros((1, 2), np.uint8)})
+    bad = [_tile(1, np.array([[1, 3]], np.uint8))]
+    with pytest.raises(ValueError, match="tile t1: label value 3"):
+        evaluate_tiles({MODEL: predictor}, [], bad, k=2, n_classes=2)
