@@ -101,9 +101,7 @@ class Scores:
         return asdict(self)
 
 
-def mapped_scores(
-    confusion: np.ndarray, mapping: np.ndarray, ignore_leq: int = 0, kind: str = "hungarian"
-) -> Scores:
+def mapped_scores(confusion: np.ndarray, mapping: np.ndarray, ignore_leq: int = 0, kind: str = "hungarian") -> Scores:
     """Per-class IoU, mIoU (macro over present classes) and pixel accuracy of ``mapping`` on ``confusion``."""
     n_clusters, n_classes = confusion.shape
     if mapping.shape != (n_clusters,):
