@@ -54,15 +54,12 @@ def marginal_entropy(
 
     ``all_reduce`` sums a tensor over DDP ranks (differentiably) so all ranks see the same marginal.
     """
-    if weight is None:
-        mass = p.sum(dim=(0, 2, 3))
-        count = torch.tensor(float(p.shape[0] * p.shape[2] * p.shape[3]), device=p.device)
-    else:
-        mass = (p * weight).sum(dim=(0, 2, 3))
-        count = weight.sum()
+    mass = p.sum(dim=(0, 2, 3)) if weight is None else (p * weight).sum(dim=(0, 2, 3))
     if all_reduce is not None:
-        mass, count = all_reduce(mass), all_reduce(count)
-    marginal = mass / count.clamp_min(EPS)
+        mass = all_reduce(mass)
+    # Normalising by the total mass (= the pixel count when rows sum to 1) keeps the marginal a
+    # distribution even when low-precision smoothing leaves rows a hair off 1.
+    marginal = mass / mass.sum().clamp_min(EPS)
     return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / math.log(p.shape[1])
 
 

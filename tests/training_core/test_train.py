@@ -126,6 +126,13 @@ def test_checkpoints_log_and_progress(tmp_path: Path) -> None:
         train(_tiny_config(steps=7), tmp_path, resume=False)
 
 
+def test_cpu_amp_trains_in_bfloat16(tmp_path: Path) -> None:
+    result = train(_tiny_config(amp=True, steps=2), tmp_path, resume=False)
+    assert result.amp and result.steps == 2
+    assert all(math.isfinite(value) for value in result.final_losses.values())
+    assert 0.0 <= result.final_losses["marginal_entropy"] <= 1.0
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_losses = train_module.two_view_losses
     calls = {"n": 0}
