@@ -54,6 +54,20 @@ def ensure_postgres_installed() -> Path:
     return bin_dir
 
 
+def ensure_chromium_installed() -> Path:
+    """Debian's headless-capable Chromium, installed through bin/install-system-deps if missing."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        result = subprocess.run([str(INSTALL_SYSTEM_DEPS)], capture_output=True, text=True)
+        chromium = shutil.which("chromium")
+        if chromium is None:
+            pytest.skip(
+                "chromium is missing and bin/install-system-deps could not install it "
+                f"(exit {result.returncode}): {result.stderr.strip()[-500:]}"
+            )
+    return Path(chromium)
+
+
 @dataclass(frozen=True)
 class PostgresServer:
     """Connection facts of a running server; these are the values deploy/postgres/dagster.yaml reads."""
@@ -208,15 +222,18 @@ def wait_for_webserver(url: str, process: subprocess.Popen[bytes], log_path: Pat
 
 
 def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    """SIGTERM the group this test started (dagster dev and the daemon/code server it spawned), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
+    """SIGTERM the group this test started (dagster dev and the daemon/code servers it spawned), then SIGKILL
+    whatever of that group is still there."""
     try:
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=timeout_s)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 @pytest.fixture
