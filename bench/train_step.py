@@ -3,8 +3,9 @@
 Setup (issue 3): 512x512 patches, batch 2, both views (4 images through the model), embed 96, 4 soft
 k-means rounds, fast smoothing with 2 rounds. ``step_s[K]`` is forward + backward + optimizer step
 with every loss at K = 4, 8, 16; ``encoder_s`` is forward + backward of the encoder alone on the same
-4 images. Each figure is the minimum over ``--repeats`` runs, and the runs are interleaved (encoder,
-K=4, K=8, K=16, encoder, ...) so that load from other processes hits all figures alike.
+4 images, both in the memory format training uses (``DevicePolicy.memory_format``). Each figure is the
+minimum over ``--repeats`` runs, interleaved (encoder, K=4, K=8, K=16, encoder, ...) so that load from
+other processes hits all figures alike.
 Targets: ``ratio[K] = step_s[K] / encoder_s <= 1.5`` and ``peak_rss_mb <= 1536``.
 
     python bench/train_step.py [--repeats 5] [--threads N] [--device cpu]
@@ -49,12 +50,12 @@ def main() -> None:
     policy = device_policy(args.device, False)
     device = policy.device
     torch.manual_seed(0)
-    model = SegmentationModel(config.model).to(device).train()
+    model = SegmentationModel(config.model).to(device, memory_format=policy.memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     images = torch.stack(
         [torch.from_numpy(synthetic_tile(0, i, PATCH)[0]).float().div(255) for i in range(BATCH)]
     ).to(device)
-    both_views = torch.cat([images, images.flip(-1)])
+    both_views = torch.cat([images, images.flip(-1)]).contiguous(memory_format=policy.memory_format)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -244,7 +244,8 @@ class SegmentationModel(nn.Module):
         smooth = cfg.smooth_iters if smooth_iters is None else smooth_iters
 
         x = (rgb - self.input_mean) / self.input_std
-        features = self.encoder(x)
+        # The clustering below flattens pixels: one copy to the standard layout if the encoder ran channels_last.
+        features = self.encoder(x).contiguous()
         # Only the first k seed channels are used: project to those alone.
         seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
         embeddings = self.clustered_embedding(x, features)

@@ -116,9 +116,8 @@ def step_losses(
         valid = None if valid is None else F.avg_pool2d(valid[:, None].float(), plan.downsample)[:, 0]
     views = make_views(images, config.augment, generator, valid)
     with policy.autocast():
-        output = model(
-            torch.cat([views.view1, views.view2]), plan.k, cluster_iters=plan.cluster_iters, upsample=False
-        )
+        both = torch.cat([views.view1, views.view2]).contiguous(memory_format=policy.memory_format)
+        output = model(both, plan.k, cluster_iters=plan.cluster_iters, upsample=False)
     probs1, probs2 = output.low_res_probs.chunk(2)
     return two_view_losses(probs1, probs2, views, config.loss, all_reduce)
 
@@ -218,7 +217,7 @@ def _train(
     policy: DevicePolicy,
 ) -> TrainResult:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    model = SegmentationModel(config.model).to(policy.device)
+    model = SegmentationModel(config.model).to(policy.device, memory_format=policy.memory_format)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )

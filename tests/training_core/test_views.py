@@ -47,6 +47,17 @@ def test_grid_is_exact_at_stride_4_for_all_64_pairs() -> None:
     assert torch.equal(warp(pooled2, grid), pooled1)
 
 
+def test_warp_equals_nearest_grid_sample() -> None:
+    """``warp`` is grid_sample's nearest mode (the grid is meant for it), on exact and arbitrary grids."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 4, 9, 9, generator=generator)
+    exact = warp_grid([1, 6, 3], [5, 0, 7], 9)
+    arbitrary = torch.rand(3, 5, 7, 2, generator=generator) * 2.2 - 1.1  # includes points outside: border
+    for grid in (exact, arbitrary):
+        expected = F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=True)
+        assert torch.equal(warp(x, grid), expected)
+
+
 def test_make_views_without_noise_are_aligned_by_their_grid() -> None:
     images = _dyadic_image(16).repeat(6, 1, 1, 1) * torch.linspace(0.5, 1.0, 6).view(6, 1, 1, 1)
     views = make_views(images, AugmentConfig(noise_std=0.0), torch.Generator().manual_seed(0))

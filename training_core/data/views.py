@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from training_core.config import AugmentConfig
 
@@ -47,8 +46,16 @@ def warp_grid(codes1: list[int], codes2: list[int], size: int, device: torch.dev
 
 
 def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Resample ``x`` [B, C, size, size] at ``grid``; nearest keeps the permutation exact (and differentiable)."""
-    return F.grid_sample(x, grid.to(x.dtype), mode="nearest", padding_mode="border", align_corners=True)
+    """Nearest-pixel resample of ``x`` [B, C, h, w] at ``grid`` [B, h, w, 2] (``align_corners=True``, border).
+
+    The same values as ``F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=True)``,
+    computed as an index gather: its backward is a scatter-add, several times cheaper than grid_sample's.
+    """
+    b, c, h, w = x.shape
+    cols = ((grid[..., 0] + 1) * (0.5 * (w - 1))).round().long().clamp_(0, w - 1)
+    rows = ((grid[..., 1] + 1) * (0.5 * (h - 1))).round().long().clamp_(0, h - 1)
+    index = (rows * w + cols).view(b, 1, -1).expand(b, c, -1)
+    return x.reshape(b, c, h * w).gather(2, index).view(b, c, *grid.shape[1:3])
 
 
 @dataclass
