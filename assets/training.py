@@ -17,6 +17,7 @@ from assets.datasets import DATASETS, processed_shards
 from assets.lineage import lineage_of_partitions
 from assets.pydantic_config import config_schema_from_model
 from assets.resources import ProjectPaths, TrainingDevice
+from training_core.checkpoint import latest_checkpoint, load_checkpoint
 from training_core.config import TrainConfig
 from training_core.headers import DatasetError
 from training_core.shards import read_manifest
@@ -36,7 +37,7 @@ _NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
     kinds={"pytorch"},
     pool="gpu",
     # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes.
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=5),
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=2),
     description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets.",
 )
 def trained_model(
@@ -53,6 +54,9 @@ def trained_model(
         f"training on {config.data.dataset_ids} with device={config.device}, {config.steps} steps, "
         f"checkpoints in {checkpoint_dir}"
     )
+    resumed_from = checkpoint_step(checkpoint_dir)
+    if resumed_from:
+        context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
     if training_device.torch_threads:
         import torch
 
@@ -66,6 +70,7 @@ def trained_model(
             "device": result.device,
             "amp": result.amp,
             "steps": result.steps,
+            "resumed_from_step": resumed_from,
             "wall_s": round(result.wall_s, 2),
             "images_per_s": round(result.images_per_s, 2),
             "final_losses": {name: round(float(value), 6) for name, value in result.final_losses.items()},
@@ -109,6 +114,12 @@ def has_train_items(processed_root: str, dataset_id: str, split: str) -> bool:
         return read_manifest(processed_root, dataset_id)["counts"].get(split, 0) > 0
     except DatasetError:
         return False
+
+
+def checkpoint_step(checkpoint_dir: Path) -> int:
+    """Optimizer steps already done by the newest checkpoint in ``checkpoint_dir`` (0 when none)."""
+    latest = latest_checkpoint(checkpoint_dir)
+    return 0 if latest is None else int(load_checkpoint(latest)["step"])
 
 
 def training_key(config: TrainConfig, data_versions: dict[str, str]) -> str:

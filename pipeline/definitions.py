@@ -21,8 +21,9 @@ from pipeline.jobs import ALL_JOBS, SAMPLE_EXTRACTED_ROOT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Two step processes at most: the host has few cores (training uses them all) and the SQLite instance
-# takes one writer at a time; see docs/OPERATIONS.md.
-EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2})
+# takes one writer at a time; see docs/OPERATIONS.md. Steps fork from a server that has already imported
+# this code location (torch, rasterio, dagster), instead of paying that import in every step process.
+EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_method": {"forkserver": {}}})
 
 
 def paths_under(extracted_root: str, work_root: str) -> ProjectPaths:

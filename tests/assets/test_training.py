@@ -1,0 +1,92 @@
+"""trained_model through `materialize` with a tiny training config on real sample shards."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets.datasets import dataset_header, processed_shards
+from assets.resources import ProjectPaths, TrainingDevice
+from assets.training import trained_model, training_config, training_key
+from training_core.config import TrainConfig
+
+TINY = {
+    "steps": 4,
+    "log_every": 2,
+    "checkpoint_every": 2,
+    "model": {"embed_dim": 8, "max_k": 4},
+    "data": {"patch_size": 32},
+}
+
+
+@pytest.fixture
+def built(resources: dict, instance: dg.DagsterInstance) -> dict:
+    """Shards of quebec_buildings (labeled only) and unlabeled_scenes (3 unlabeled tiles)."""
+    for dataset_id in ("quebec_buildings", "unlabeled_scenes"):
+        result = dg.materialize(
+            [dataset_header, processed_shards], resources=resources, instance=instance, partition_key=dataset_id
+        )
+        assert result.success
+    return resources
+
+
+def test_trained_model_trains_on_unlabeled_shards_and_reports_progress_and_metadata(
+    built: dict, instance: dg.DagsterInstance
+) -> None:
+    result = dg.materialize(
+        [trained_model, processed_shards],
+        selection=[trained_model],
+        resources=built,
+        instance=instance,
+        run_config={"ops": {"trained_model": {"config": {**TINY, "device": "auto"}}}},
+    )
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("trained_model")
+    metadata = {key: value.value for key, value in materialization.metadata.items()}
+    assert metadata["device"] == "cpu"  # `auto` resolved by the TrainingDevice resource
+    assert metadata["steps"] == 4 and metadata["resumed_from_step"] == 0
+    assert metadata["datasets"] == ["unlabeled_scenes"]  # quebec has no unlabeled `train` items
+    assert Path(metadata["checkpoint_path"]).is_file()
+    assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
+    assert set(metadata["final_losses"]) >= {"total", "consistency"}
+    assert metadata["upstream"]["unlabeled_scenes"]["run_id"]
+    progress = [e.message for e in instance.all_logs(result.run_id) if e.message and e.message.startswith("step ")]
+    assert [line.split()[1] for line in progress] == ["2/4", "4/4"]
+    assert all("img/s" in line and "ETA" in line for line in progress)
+
+
+def test_rematerializing_the_same_config_resumes_from_its_checkpoint(built: dict, instance: dg.DagsterInstance) -> None:
+    run_config = {"ops": {"trained_model": {"config": {**TINY, "device": "cpu"}}}}
+    first = dg.materialize(
+        [trained_model, processed_shards],
+        selection=[trained_model],
+        resources=built,
+        instance=instance,
+        run_config=run_config,
+    )
+    second = dg.materialize(
+        [trained_model, processed_shards],
+        selection=[trained_model],
+        resources=built,
+        instance=instance,
+        run_config=run_config,
+    )
+    (a,) = first.asset_materializations_for_node("trained_model")
+    (b,) = second.asset_materializations_for_node("trained_model")
+    assert b.metadata["resumed_from_step"].value == 4
+    assert Path(a.metadata["checkpoint_path"].value).parent == Path(b.metadata["checkpoint_path"].value).parent
+
+
+def test_training_key_ignores_the_device_but_not_the_data(built: dict, instance: dg.DagsterInstance) -> None:
+    paths: ProjectPaths = built["paths"]
+    cpu = training_config(TrainConfig.model_validate({**TINY, "device": "cpu"}), instance, paths, TrainingDevice())
+    gpu = cpu.model_copy(update={"device": "cuda"})
+    versions = {"unlabeled_scenes": "v1"}
+    assert training_key(cpu, versions) == training_key(gpu, versions)
+    assert training_key(cpu, versions) != training_key(cpu, {"unlabeled_scenes": "v2"})
+    assert cpu.data.source == "shards" and cpu.data.processed_root == paths.processed_root
+
+
+def test_no_dataset_to_train_on_is_a_clear_error(resources: dict, instance: dg.DagsterInstance) -> None:
+    with pytest.raises(ValueError, match="no dataset under .* has `train` items"):
+        training_config(TrainConfig(), instance, resources["paths"], TrainingDevice())
