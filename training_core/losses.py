@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from training_core.config import LossConfig
 from training_core.data.views import TwoViews, warp
@@ -91,24 +90,24 @@ def two_view_losses(
     """All loss parts and their weighted ``total`` for one batch of two views.
 
     ``probs1``/``probs2``: stride-4 probabilities [B, K, h, w] of ``views.view1`` / ``views.view2``.
-    The views' inputs and valid masks are average-pooled to (h, w); view 2 is warped into view 1's
-    frame by the grid at (h, w). Pixels are weighted by their valid fraction (padding, nodata count 0).
+    View 2 is warped into view 1's frame by the grid at (h, w). The edge weights come from the clean
+    input pooled to (h, w); pixels are weighted by their valid fraction (padding and nodata count 0).
     """
     probs1, probs2 = probs1.float(), probs2.float()
-    size = probs1.shape[-2:]
-    image1, image2, valid1, valid2 = (
-        F.adaptive_avg_pool2d(t.float(), size) for t in (views.view1, views.view2, views.valid1, views.valid2)
-    )
-    grid = views.grid(size[-1])
-    both, valid_both = torch.cat([probs1, probs2]), torch.cat([valid1, valid2])
+    size = probs1.shape[-1]
+    image1, image2, valid1, valid2 = views.low_res(size)
+    grid = views.grid(size)
+    both = torch.cat([probs1, probs2])
+    valid_both = None if valid1 is None else torch.cat([valid1, valid2])
+    consistency_weight = None if valid1 is None else valid1 * warp(valid2, grid)
     parts = {
-        "consistency": symmetric_kl(probs1, warp(probs2, grid), valid1 * warp(valid2, grid)),
+        "consistency": symmetric_kl(probs1, warp(probs2, grid), consistency_weight),
         "pixel_entropy": pixel_entropy(both, valid_both),
         "marginal_entropy": marginal_entropy(both, all_reduce, valid_both),
         "smoothness": 0.5
         * (
-            edge_aware_smoothness(probs1, image1, weights.edge_sharpness, valid1)
-            + edge_aware_smoothness(probs2, image2, weights.edge_sharpness, valid2)
+            edge_aware_smoothness(probs1, image1.float(), weights.edge_sharpness, valid1)
+            + edge_aware_smoothness(probs2, image2.float(), weights.edge_sharpness, valid2)
         ),
     }
     parts["total"] = (

@@ -67,7 +67,7 @@ def test_smoothness_is_cheaper_across_colour_edges() -> None:
     assert edge_aware_smoothness(torch.full((1, 2, 8, 8), 0.5), flat, 10.0).item() == 0.0
 
 
-def _aligned_views(probs: torch.Tensor, images: torch.Tensor, valid: torch.Tensor) -> tuple:
+def _aligned_views(probs: torch.Tensor, images: torch.Tensor, valid: torch.Tensor | None) -> tuple:
     """Probabilities and views of one scene under 8 different transform pairs (perfectly consistent)."""
     codes1, codes2 = list(range(8)), [(c + 3) % 8 for c in range(8)]
     probs1 = torch.stack([dihedral(p, c) for p, c in zip(probs, codes1, strict=True)])
@@ -77,8 +77,8 @@ def _aligned_views(probs: torch.Tensor, images: torch.Tensor, valid: torch.Tenso
         view2=torch.stack([dihedral(x, c) for x, c in zip(images, codes2, strict=True)]),
         codes1=codes1,
         codes2=codes2,
-        valid1=torch.stack([dihedral(v, c) for v, c in zip(valid, codes1, strict=True)]),
-        valid2=torch.stack([dihedral(v, c) for v, c in zip(valid, codes2, strict=True)]),
+        clean=images,
+        valid=valid,
     )
     return probs1, probs2, views
 
@@ -86,7 +86,7 @@ def _aligned_views(probs: torch.Tensor, images: torch.Tensor, valid: torch.Tenso
 def test_aligned_views_have_zero_consistency_and_the_total_combines_parts() -> None:
     probs = _random_probs(8, 4, 8)
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    probs1, probs2, views = _aligned_views(probs, images, torch.ones(8, 1, 32, 32))
+    probs1, probs2, views = _aligned_views(probs, images, None)
     weights = LossConfig()
     parts = two_view_losses(probs1, probs2, views, weights)
     assert parts["consistency"].item() == pytest.approx(0.0, abs=1e-7)
@@ -112,5 +112,5 @@ def test_invalid_pixels_do_not_count() -> None:
     changed = two_view_losses(*_aligned_views(other, images, valid), LossConfig())
     for name, value in base.items():
         assert changed[name].item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), name
-    unmasked = two_view_losses(*_aligned_views(other, images, torch.ones_like(valid)), LossConfig())
+    unmasked = two_view_losses(*_aligned_views(other, images, None), LossConfig())
     assert unmasked["total"].item() != pytest.approx(base["total"].item(), rel=1e-4)

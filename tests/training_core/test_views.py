@@ -67,17 +67,21 @@ def test_make_views_without_noise_are_aligned_by_their_grid() -> None:
         assert torch.equal(views.view1[i], dihedral(images[i], code))
 
 
-def test_valid_mask_moves_with_each_view() -> None:
+def test_low_res_inputs_and_valid_masks_move_with_each_view() -> None:
     images = _dyadic_image(16).repeat(4, 1, 1, 1)
     valid = torch.zeros(4, 16, 16, dtype=torch.bool)
     valid[:, :10, :5] = True  # e.g. a raster smaller than the patch, padded bottom and right
     views = make_views(images, AugmentConfig(noise_std=0.0), torch.Generator().manual_seed(1), valid)
-    assert views.valid1.shape == (4, 1, 16, 16)
-    for i, code in enumerate(views.codes2):
-        assert torch.equal(views.valid2[i, 0], dihedral(valid[i].float(), code))
-    assert torch.equal(warp(views.valid2, views.grid(16)), views.valid1)
-    no_mask = make_views(images, AugmentConfig(), torch.Generator().manual_seed(1))
-    assert torch.equal(no_mask.valid1, torch.ones(4, 1, 16, 16))
+    image1, image2, valid1, valid2 = views.low_res(4)
+    assert valid1.shape == (4, 1, 4, 4)
+    pooled_valid = F.avg_pool2d(valid[:, None].float(), 4)
+    for i in range(4):
+        assert torch.equal(valid2[i], dihedral(pooled_valid[i], views.codes2[i]))
+        assert torch.equal(image1[i], F.avg_pool2d(views.view1[i : i + 1], 4)[0])  # no noise: views pool alike
+    grid = views.grid(4)
+    assert torch.equal(warp(valid2, grid), valid1) and torch.equal(warp(image2, grid), image1)
+    all_real = make_views(images, AugmentConfig(), torch.Generator().manual_seed(1), torch.ones(4, 16, 16).bool())
+    assert all_real.valid is None and all_real.low_res(4)[2] is None
 
 
 def test_noise_and_jitter_stay_in_range_and_differ_per_view() -> None:

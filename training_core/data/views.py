@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from training_core.config import AugmentConfig
 
@@ -64,12 +65,30 @@ class TwoViews:
     view2: torch.Tensor
     codes1: list[int]  # dihedral code per sample
     codes2: list[int]
-    valid1: torch.Tensor  # [B, 1, P, P] float, 1 = real pixel, 0 = padding / nodata (moved with view 1)
-    valid2: torch.Tensor
+    clean: torch.Tensor  # [B, 3, P, P] the input before augmentation
+    valid: torch.Tensor | None  # [B, 1, P, P] float, 1 = real pixel, 0 = padding / nodata; None = all real
 
     def grid(self, size: int) -> torch.Tensor:
         """Warp grid at resolution ``size`` (P, or P / 4 for the model's stride-4 outputs)."""
         return warp_grid(self.codes1, self.codes2, size, self.view1.device)
+
+    def low_res(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(image1, image2, valid1, valid2) at ``size`` x ``size``, each in its view's frame.
+
+        The clean input and the valid mask are average-pooled once, then transformed like each view
+        (exact: dihedral transforms commute with pooling when P is a multiple of ``size``).
+        """
+        image = F.adaptive_avg_pool2d(self.clean, size)
+        image1, image2 = _transform(image, self.codes1), _transform(image, self.codes2)
+        if self.valid is None:
+            return image1, image2, None, None
+        valid = F.adaptive_avg_pool2d(self.valid, size)
+        return image1, image2, _transform(valid, self.codes1), _transform(valid, self.codes2)
+
+
+def _transform(batch: torch.Tensor, codes: list[int]) -> torch.Tensor:
+    """Dihedral transform ``codes[i]`` applied to sample i of ``batch``."""
+    return torch.stack([dihedral(sample, code) for sample, code in zip(batch, codes, strict=True)])
 
 
 def _draw_codes(n: int, augment: AugmentConfig, generator: torch.Generator) -> list[int]:
@@ -92,7 +111,7 @@ def _jitter_colour(x: torch.Tensor, strength: float, generator: torch.Generator)
 def _augment(
     images: torch.Tensor, codes: list[int], augment: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    view = torch.stack([dihedral(image, code) for image, code in zip(images, codes, strict=True)])
+    view = _transform(images, codes)
     if augment.colour_jitter > 0:
         view = _jitter_colour(view, augment.colour_jitter, generator)
     if augment.noise_std > 0:
@@ -105,8 +124,8 @@ def make_views(
 ) -> TwoViews:
     """Two independently augmented views of ``images`` [B, 3, P, P] (P square), drawn from ``generator``.
 
-    ``valid`` [B, P, P] (bool or float; None = all valid) is transformed with each view so the losses can
-    leave padding and nodata out. ``generator`` must live on ``images.device`` (noise is drawn there).
+    ``valid`` [B, P, P] (bool or float; None or all true = every pixel real) lets the losses leave
+    padding and nodata out. ``generator`` must live on ``images.device`` (noise is drawn there).
     """
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"two views need square images [B, 3, P, P], got {tuple(images.shape)}")
@@ -114,10 +133,7 @@ def make_views(
     codes2 = _draw_codes(images.shape[0], augment, generator)
     view1 = _augment(images, codes1, augment, generator)
     view2 = _augment(images, codes2, augment, generator)
-    if valid is None:
-        valid1 = valid2 = torch.ones_like(images[:, :1])
-    else:
-        mask = valid.to(images.dtype).unsqueeze(1)
-        valid1 = torch.stack([dihedral(m, code) for m, code in zip(mask, codes1, strict=True)])
-        valid2 = torch.stack([dihedral(m, code) for m, code in zip(mask, codes2, strict=True)])
-    return TwoViews(view1=view1, view2=view2, codes1=codes1, codes2=codes2, valid1=valid1, valid2=valid2)
+    mask = None if valid is None else valid.to(images.dtype).unsqueeze(1)
+    if mask is not None and bool((mask == 1).all()):
+        mask = None  # every pixel real (the common case): the losses then take plain means
+    return TwoViews(view1=view1, view2=view2, codes1=codes1, codes2=codes2, clean=images, valid=mask)
