@@ -7,7 +7,11 @@ import os
 import subprocess
 from pathlib import Path
 
+import dagster as dg
 import pytest
+
+from assets.export import runtime_artifact
+from assets.lineage import require_materialization
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DATASETS = sorted(p.name for p in (REPO_ROOT / "sample_data" / "extracted").iterdir() if p.is_dir())
@@ -32,3 +36,11 @@ def test_bin_run_sample_materializes_the_whole_graph_and_the_artifact_checks_out
     meta = json.loads((artifact / "meta.json").read_text())
     assert meta["lineage"]["runs"]["training"] == meta["lineage"]["runs"]["evaluation"]  # one run did it all
     assert (tmp_path / "work" / "artifacts" / "best" / "model.npz").is_file()
+
+    # What a user browses on the artifact's page: mIoU, data versions, the evaluation picture, run ids.
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        metadata = require_materialization(instance, runtime_artifact.key)["metadata"]
+    assert metadata["val_miou"] == meta["metrics"]["val_miou"]
+    assert metadata["data_versions"] == summary["data_versions"]
+    assert "data:image/png;base64," in metadata["evaluation_picture"]
+    assert metadata["lineage"]["runs"]["shards"].keys() == set(SAMPLE_DATASETS)
