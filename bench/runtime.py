@@ -34,10 +34,12 @@ K = 8
 REPEATS = 5
 RASTER_SIDE = 4096
 TARGETS = {"ratio_max": 2.0, "agreement_min": 0.999, "peak_rss_mb_max": 1536}
-# The child measures itself: RUSAGE_CHILDREN would also count helpers forked from this torch-sized process.
+# The child reports its own VmHWM (Linux): ru_maxrss survives exec, so a child forked from this
+# torch-sized process would report this process's size.
 SEGMENT_AND_REPORT_RSS = (
-    "import json, resource, sys; from runtime_export.segment import main; main(sys.argv[1:]); "
-    "print(json.dumps({'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    "import json, re, sys; from runtime_export.segment import main; main(sys.argv[1:]); "
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+    "print(json.dumps({'peak_rss_mb': int(hwm) / 1024}))"
 )
 
 
