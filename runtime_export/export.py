@@ -90,7 +90,7 @@ def runtime_meta(config: TrainConfig, lineage: dict[str, Any], metrics: dict[str
         "colour_weight": model.colour_weight,
         "input_mean": list(model.input_mean),
         "input_std": list(model.input_std),
-        "input_scale": 255.0,  # pixels are divided by this before normalisation
+        "input_scale": 1.0 / 255.0,  # pixel values times this are the model's [0, 1] input
         "stride": STRIDE,
         "supports_learned_refine": model.smoothing == "learned",
         "lineage": {

@@ -3,7 +3,7 @@
 This module must never import torch: the QGIS plugin ships numpy alone. It mirrors the torch
 model op for op, in float32, in the same order (``training_core/model.py`` is the contract):
 
-1. ``x = (rgb / 255 - mean) / std``;
+1. ``x = (rgb / 255 - mean) / std`` (``meta.json``'s ``input_scale`` is the 1/255);
 2. stride-4 encoder (batch norm already folded into the conv weights by the export), computed
    channels-last: each 3x3 conv is one im2col copy plus one BLAS matmul;
 3. ``F.normalize`` of the features, optionally followed by ``colour_weight * avg_pool(x, 4, ceil)``;
@@ -122,7 +122,8 @@ class RuntimeModel:
         self.cluster_iters = int(meta["cluster_iters"])
         self.smooth_iters = int(meta["smooth_iters"]) if meta["smoothing"] != "none" else 0
         self.colour_weight = np.float32(meta["colour_weight"])
-        self.input_scale = np.float32(meta["input_scale"])
+        # Divide by 1 / scale (exactly 255 for 1/255), as torch's ``rgb / 255`` does, for bitwise-equal inputs.
+        self.input_divisor = np.float32(1.0 / meta["input_scale"])
         self.mean = arrays["input_mean"].reshape(3, 1, 1)
         self.std = arrays["input_std"].reshape(3, 1, 1)
         # im2col layout: rows ordered (ky, kx, c_in) to match the strided window view below.
@@ -137,7 +138,7 @@ class RuntimeModel:
         """Encode one ``[3, H, W]`` uint8 tile into its stride-4 embedding and seed logits."""
         rgb = _check_rgb(rgb)
         height, width = rgb.shape[1:]
-        x = (rgb.astype(np.float32) / self.input_scale - self.mean) / self.std  # [3, H, W]
+        x = (rgb.astype(np.float32) / self.input_divisor - self.mean) / self.std  # [3, H, W]
         hwc = np.ascontiguousarray(x.transpose(1, 2, 0))
         feat = _relu(self._conv("encoder.conv1", hwc, stride=2))
         feat = _relu(self._conv("encoder.conv2", feat, stride=2))

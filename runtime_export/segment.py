@@ -166,7 +166,7 @@ def segment_raster(
         tiles = list(tile_windows(width, height, tile_size, margin_pixels(model.smooth_iters)))
         cells = math.ceil(width / STRIDE) * math.ceil(height / STRIDE)
         step = max(1, math.ceil(math.sqrt(cells / max_fit_cells)))
-        fill = np.rint(model.mean.ravel() * model.input_scale).astype(np.uint8)  # normalises to ~0
+        fill = np.rint(model.mean.ravel() * model.input_divisor).astype(np.uint8)  # normalises to ~0
         prototypes, fit_cells = fit_raster_prototypes(model, src, k, tiles, fill, step)
         profile = {
             "driver": "GTiff",
