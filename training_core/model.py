@@ -91,6 +91,14 @@ class _L2Normalize(torch.autograd.Function):
         return (grad - y * radial) / denom
 
 
+def flatten_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C, h * w]; a view, not a copy, also for channels_last memory (pixel-major)."""
+    b, c, h, w = x.shape
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+    return x.flatten(2)
+
+
 def smoothing_kernel(weights: torch.Tensor) -> torch.Tensor:
     """A 3x3 kernel with non-negative weights summing to 1 (softmax of 9 logits)."""
     return torch.softmax(weights.flatten(), dim=0).view(1, 1, 3, 3)
@@ -201,7 +209,11 @@ class _SoftKMeans(torch.autograd.Function):
             left.append(prev)
             right.append(g_scores)
             g_assign = torch.zeros_like(assigns[t - 1])  # A_{t-1} feeds P_{t-1} only
-        grad_embeddings = torch.bmm(torch.cat(left, dim=1).transpose(1, 2), torch.cat(right, dim=1))
+        factors, uses = torch.cat(left, dim=1), torch.cat(right, dim=1)  # [B, S, D], [B, S, N]
+        if embeddings.stride(1) == 1:  # pixel-major memory (channels_last): give the gradient that layout
+            grad_embeddings = torch.bmm(uses.transpose(1, 2), factors).transpose(1, 2)
+        else:
+            grad_embeddings = torch.bmm(factors.transpose(1, 2), uses)
         grad_seed = _softmax_backward(assigns[0], g_assign)
         return grad_embeddings, grad_seed, None, None
 
@@ -244,14 +256,13 @@ class SegmentationModel(nn.Module):
         smooth = cfg.smooth_iters if smooth_iters is None else smooth_iters
 
         x = (rgb - self.input_mean) / self.input_std
-        # The clustering below flattens pixels: one copy to the standard layout if the encoder ran channels_last.
-        features = self.encoder(x).contiguous()
+        features = self.encoder(x)
         # Only the first k seed channels are used: project to those alone.
         seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
         embeddings = self.clustered_embedding(x, features)
         b, d, h, w = embeddings.shape
         assign, prototypes = soft_kmeans(
-            embeddings.flatten(2).float(), seed_logits.flatten(2).float(), iters, cfg.temperature
+            flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
         )
         low_res = assign.view(b, k, h, w)
         if cfg.smoothing != "none" and smooth > 0:

@@ -125,3 +125,22 @@ def test_l2_normalize_matches_f_normalize_and_its_gradient() -> None:
     (_L2Normalize.apply(xs[0]) * grad).sum().backward()
     (F.normalize(xs[1], dim=1) * grad).sum().backward()
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=0)
+
+
+def test_channels_last_training_layout_gives_the_same_outputs_and_gradients() -> None:
+    """Training runs the model channels_last (DevicePolicy.memory_format); values must not depend on it."""
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=6)).train()
+    rgb = torch.rand(2, 3, 32, 32)
+    weights = torch.randn(2, 5, 8, 8)
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad()
+        model.to(memory_format=memory_format)
+        out = model(rgb.contiguous(memory_format=memory_format), 5, cluster_iters=3, upsample=False)
+        (out.low_res_probs * weights).sum().backward()
+        results.append((out.low_res_probs, [p.grad.clone() for p in model.encoder.parameters()]))
+    (probs_a, grads_a), (probs_b, grads_b) = results
+    torch.testing.assert_close(probs_b, probs_a, rtol=0, atol=1e-5)
+    for got, want in zip(grads_b, grads_a, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
