@@ -65,6 +65,8 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg
             "header_hash": header_hash(header),
             "data_version": dataset_content_hash(paths.dataset_dir(dataset_id)),
             "modalities": [modality.name for modality in header.modalities],
+            "label_values": sorted({v for modality in header.modalities for v in modality.label_values or []}),
+            "crs": sorted({crs for modality in header.modalities for crs in modality.crs or []}),
             "header": dg.MetadataValue.md(f"```yaml\n{header_to_yaml(header)}```"),
             "elapsed_s": round(time.perf_counter() - started, 3),
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import torch
 
 from assets.datasets import DATASETS, processed_shards
 from assets.lineage import lineage_of_partitions
@@ -58,12 +59,12 @@ def trained_model(
     if resumed_from:
         context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
     if training_device.torch_threads:
-        import torch
-
         torch.set_num_threads(training_device.torch_threads)
     result = train(
         config, checkpoint_dir, resume=True, progress=lambda row: context.log.info(progress_line(row, config.steps))
     )
+    if result.interrupted:  # SIGTERM (e.g. the run was terminated): a checkpoint was saved, nothing is done
+        raise dg.Failure(f"training stopped at step {result.steps}/{config.steps}; re-execute to resume from it")
     loss_curve = write_loss_curve(Path(result.log_path), checkpoint_dir / "loss_curve.png")
     return dg.MaterializeResult(
         metadata={
