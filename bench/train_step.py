@@ -52,9 +52,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = SegmentationModel(config.model).to(device, memory_format=policy.memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    images = torch.stack(
-        [torch.from_numpy(synthetic_tile(0, i, PATCH)[0]).float().div(255) for i in range(BATCH)]
-    ).to(device)
+    tiles = [torch.from_numpy(synthetic_tile(0, i, PATCH)[0]) for i in range(BATCH)]
+    images = torch.stack(tiles).float().div(255).to(device)
     both_views = torch.cat([images, images.flip(-1)]).contiguous(memory_format=policy.memory_format)
 
     def sync() -> None:

@@ -304,13 +304,10 @@ def _train(
                 if progress is not None and (step % config.log_every == 0 or step == end_step):
                     progress(record)
             if step % config.checkpoint_every == 0 or step == end_step or interrupted:
+                checkpoint_path = checkpoint_dir / step_checkpoint_name(step)
                 if dist_ctx.is_main:
-                    checkpoint_path = _write_checkpoint(
-                        checkpoint_dir, step, model=model, optimizer=optimizer, config=config,
-                        losses=last_losses, scaler=scaler,
-                    )
-                else:
-                    checkpoint_path = checkpoint_dir / step_checkpoint_name(step)
+                    state = {"model": model, "optimizer": optimizer, "config": config, "scaler": scaler}
+                    _write_checkpoint(checkpoint_dir, step, losses=last_losses, **state)
             if interrupted:
                 break
     bar.close()

@@ -20,8 +20,7 @@ def test_defaults_follow_the_design() -> None:
 def test_python_module_with_get_config_or_config(tmp_path: Path) -> None:
     with_function = tmp_path / "a.py"
     with_function.write_text(
-        "from training_core.config import TrainConfig\n"
-        "def get_config():\n    return TrainConfig(steps=7)\n"
+        "from training_core.config import TrainConfig\ndef get_config():\n    return TrainConfig(steps=7)\n"
     )
     with_constant = tmp_path / "b.py"
     with_constant.write_text("CONFIG = {'steps': 9, 'model': {'embed_dim': 32}}\n")
@@ -73,10 +72,8 @@ def test_range_checks(fields: dict, message: str) -> None:
 def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "base.yaml"
     path.write_text("steps: 5\nlr: 0.01\ndata:\n  num_workers: 3\n")
-    args = _parse_args(
-        ["--config", str(path), "--checkpoint_dir", "x", "--steps", "2", "--data-source", "shards",
-         "--processed-root", "/p", "--dataset-id", "a", "--dataset-id", "b", "--amp", "--max-samples", "4"]
-    )
+    flags = "--checkpoint_dir x --steps 2 --data-source shards --processed-root /p --dataset-id a --dataset-id b"
+    args = _parse_args(["--config", str(path), *flags.split(), "--amp", "--max-samples", "4"])
     config = config_from_args(args)
     assert (config.steps, config.lr, config.amp) == (2, 0.01, True)
     assert (config.data.source, config.data.processed_root, config.data.dataset_ids) == ("shards", "/p", ["a", "b"])

@@ -48,6 +48,7 @@ def test_marginal_sums_batch_statistics_through_all_reduce() -> None:
     """Two 'ranks' holding halves of a batch see the entropy of the whole batch."""
     full = _random_probs(4, 3, 6)
     halves = full[:2], full[2:]
+
     def add_other_rank(mass: torch.Tensor) -> torch.Tensor:
         return mass + halves[1].sum(dim=(0, 2, 3))
 
