@@ -46,8 +46,10 @@ class ResidualBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(x + self.bn2(self.conv2(y)))
+        # In-place ReLUs: batch norm's backward needs its input, not its output, so nothing saved is
+        # overwritten, and training keeps one activation less per layer in memory.
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(x + self.bn2(self.conv2(y)), inplace=True)
 
 
 class Encoder(nn.Module):
@@ -64,8 +66,8 @@ class Encoder(nn.Module):
         self.res2 = ResidualBlock(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = F.relu(self.bn2(self.conv2(x)), inplace=True)
         return self.res2(self.res1(x))
 
 
