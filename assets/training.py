@@ -44,7 +44,9 @@ _NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
 def trained_model(
     context: dg.AssetExecutionContext, paths: ProjectPaths, training_device: TrainingDevice
 ) -> dg.MaterializeResult:
-    config = training_config(TrainConfig.model_validate(context.op_config), context.instance, paths, training_device)
+    config = training_config(
+        TrainConfig.model_validate(context.op_execution_context.op_config), context.instance, paths, training_device
+    )
     data_versions = {
         dataset_id: read_manifest(paths.processed_root, dataset_id)["data_version"]
         for dataset_id in config.data.dataset_ids
