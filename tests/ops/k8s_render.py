@@ -2,7 +2,8 @@
 
 The run pod goes through K8sRunLauncher.launch_run itself, with the Kubernetes batch API replaced by a
 recorder; a step pod is built the way k8s_job_executor's step handler builds it (the run's container
-context without job-level tags, merged with the step's own `dagster-k8s/config` tag).
+context without job-level tags, then the executor config, the step's own `dagster-k8s/config` tag and
+the executor's `per_step_k8s_config` entry for the op).
 """
 
 from __future__ import annotations
