@@ -29,7 +29,7 @@ import numpy as np
 import rasterio
 import torch
 
-from training_core.baseline import kmeans_rgb_labels
+from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig
 from training_core.data.synthetic import synthetic_tile
@@ -42,10 +42,14 @@ from training_core.metrics import (
     majority_scores,
     view_consistency,
 )
-from training_core.model import SegmentationModel
+from training_core.model import SegmentationModel, soft_kmeans
 from training_core.shards import iter_split_items, read_manifest
 
-PredictFn = Callable[[np.ndarray, int], np.ndarray]  # ([3, H, W] uint8, k) -> cluster ids [H, W]
+PredictFn = Callable[[np.ndarray], np.ndarray]  # [3, H, W] uint8 -> cluster ids [H, W]
+# Fits one set of cluster centres on a dataset's tiles (pixels only, never labels) and returns the
+# predictor that labels any tile against those centres, so cluster ids mean the same in every tile.
+FitFn = Callable[[Sequence[np.ndarray], int], PredictFn]
+MAX_FIT_CELLS = 65_536  # stride-4 cells (model) or pixels (baseline) sampled to fit the centres
 MODEL, BASELINE = "model", "kmeans_rgb"
 FIT_SPLIT, EVAL_SPLIT = "metrics_train", "val"
 
@@ -131,20 +135,57 @@ class EvalReport:
 # -- predictors ----------------------------------------------------------------------------------
 
 
-def torch_predict_fn(model: SegmentationModel) -> PredictFn:
-    """Cluster ids from the torch model (argmax of its upsampled probabilities), on the CPU."""
+def model_fit_fn(model: SegmentationModel, seed: int = 0) -> FitFn:
+    """The torch model (CPU) with one set of prototypes for the dataset, as ``runtime_export.segment`` does
+    for one raster: soft k-means seeded by the model's own seed channels over a seeded sample of the
+    stride-4 embeddings of all tiles, then each tile assigned to those prototypes."""
     model = model.eval()
 
-    def predict(rgb: np.ndarray, k: int) -> np.ndarray:
+    def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
+        embeddings, seed_logits = [], []
         with torch.inference_mode():
-            probs = model(torch.from_numpy(np.ascontiguousarray(rgb)).float()[None] / 255.0, k).probs
-        return probs[0].argmax(dim=0).to(torch.uint8).numpy()
+            for rgb in tiles:
+                emb, seeds = model.encode(_as_batch(rgb))
+                embeddings.append(emb[0].flatten(1).T)
+                seed_logits.append(seeds[0, :k].flatten(1).T)
+        cells = torch.cat(embeddings)
+        picks = _sample_rows(cells.shape[0], seed)
+        _, prototypes = soft_kmeans(
+            cells[picks].T[None].contiguous(),
+            torch.cat(seed_logits)[picks].T[None].contiguous(),
+            model.config.eval_cluster_iters,
+            model.config.temperature,
+        )
 
-    return predict
+        def predict(rgb: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                probs = model(_as_batch(rgb), k, prototypes=prototypes[0]).probs
+            return probs[0].argmax(dim=0).to(torch.uint8).numpy()
+
+        return predict
+
+    return fit
 
 
-def baseline_predict_fn(seed: int = 0) -> PredictFn:
-    return lambda rgb, k: kmeans_rgb_labels(rgb, k, seed=seed)
+def baseline_fit_fn(seed: int = 0) -> FitFn:
+    """k-means on RGB with one set of centres for the dataset."""
+
+    def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
+        centres = fit_rgb_centres(tiles, k, seed=seed, max_fit_pixels=MAX_FIT_CELLS)
+        return lambda rgb: nearest_centre_labels(rgb, centres)
+
+    return fit
+
+
+def _as_batch(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(rgb)).float()[None] / 255.0
+
+
+def _sample_rows(n: int, seed: int) -> np.ndarray:
+    """A seeded, sorted sample of at most MAX_FIT_CELLS row indices out of ``n``."""
+    if n <= MAX_FIT_CELLS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, MAX_FIT_CELLS, replace=False))
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -182,7 +223,7 @@ def split_tiles(
 
 
 def evaluate_tiles(
-    predict_fns: dict[str, PredictFn],
+    fit_fns: dict[str, FitFn],
     fit_tiles: Iterable[LabeledTile],
     eval_tiles: Iterable[LabeledTile],
     k: int,
@@ -191,12 +232,16 @@ def evaluate_tiles(
     n_samples: int = 3,
     dataset_id: str | None = None,
 ) -> EvalReport:
-    """Score every predictor: mapping fitted on ``fit_tiles``, scores and proxies on ``eval_tiles``.
+    """Score every method: mapping fitted on ``fit_tiles``, scores and proxies on ``eval_tiles``.
 
-    ``n_classes`` None means no labels: proxies only. Labeled pixels of the eval tiles never
-    reach the fitted mapping unless the fit tiles hold no labeled pixel at all.
+    Each method first fits its cluster centres on the pixels of all tiles (no labels). ``n_classes``
+    None means no labels: proxies only. Labeled pixels of the eval tiles never reach the fitted
+    mapping unless the fit tiles hold no labeled pixel at all.
     """
     started = time.perf_counter()
+    fit_tiles, eval_tiles = list(fit_tiles), list(eval_tiles)
+    all_rgb = [tile.rgb for tile in fit_tiles + eval_tiles]
+    predict_fns = {name: fit(all_rgb, k) for name, fit in fit_fns.items()}
     shape = (k, n_classes or 1)
     fit_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
     eval_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
@@ -209,13 +254,13 @@ def evaluate_tiles(
             if tile.label is None:
                 continue
             for name, predict in predict_fns.items():
-                fit_conf[name] += _confusion(predict(tile.rgb, k), tile, k, n_classes, ignore_leq)
+                fit_conf[name] += _confusion(predict(tile.rgb), tile, k, n_classes, ignore_leq)
     for tile in eval_tiles:
         n_eval += 1
         predictions = {}
         for name, predict in predict_fns.items():
-            pred = predict(tile.rgb, k)
-            flipped = predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]), k)[:, ::-1]
+            pred = predict(tile.rgb)
+            flipped = predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]))[:, ::-1]
             proxies[name].append({**label_proxies(pred, k), "view_consistency": view_consistency(pred, flipped, k)})
             if n_classes is not None and tile.label is not None:
                 eval_conf[name] += _confusion(pred, tile, k, n_classes, ignore_leq)
@@ -227,7 +272,7 @@ def evaluate_tiles(
     if labeled:
         fitted_on = FIT_SPLIT if any(conf.sum() for conf in fit_conf.values()) else EVAL_SPLIT
     methods = {}
-    for name in predict_fns:
+    for name in fit_fns:
         fit = fit_conf[name] if fitted_on == FIT_SPLIT else eval_conf[name]
         methods[name] = MethodReport(
             hungarian=hungarian_scores(fit, eval_conf[name], ignore_leq) if labeled else None,
@@ -269,21 +314,21 @@ def dataset_label_space(processed_root: str | Path, dataset_id: str) -> tuple[in
 
 
 def evaluate_dataset(
-    predict_fn: PredictFn,
+    fit_fn: FitFn,
     processed_root: str | Path,
     dataset_id: str,
     k: int | None = None,
     seed: int = 0,
     n_samples: int = 3,
 ) -> EvalReport:
-    """Score ``predict_fn`` and the k-means-on-RGB baseline on a processed dataset.
+    """Score ``fit_fn`` and the k-means-on-RGB baseline on a processed dataset.
 
     ``k`` None means one cluster per class (at least 2).
     """
     n_classes, ignore_leq, data_version = dataset_label_space(processed_root, dataset_id)
     k = k if k is not None else max(n_classes or 2, 2)
     report = evaluate_tiles(
-        {MODEL: predict_fn, BASELINE: baseline_predict_fn(seed)},
+        {MODEL: fit_fn, BASELINE: baseline_fit_fn(seed)},
         split_tiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq),
         split_tiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq),
         k,
@@ -306,7 +351,7 @@ def evaluate_checkpoint(
     n_classes, _, _ = dataset_label_space(processed_root, dataset_id)
     if k is None:
         k = min(max(n_classes or 2, 2), model.config.max_k)
-    report = evaluate_dataset(torch_predict_fn(model), processed_root, dataset_id, k, seed)
+    report = evaluate_dataset(model_fit_fn(model, seed), processed_root, dataset_id, k, seed)
     report.checkpoint = str(checkpoint)
     report.checkpoint_step = int(load_checkpoint(checkpoint)["step"])
     return report
@@ -318,8 +363,8 @@ def evaluate_synthetic(model: SegmentationModel, k: int, seed: int, n_tiles: int
     Synthetic region ids are arbitrary per tile, so no dataset-level mapping is scored.
     """
     tiles = (LabeledTile(f"synthetic-{i}", synthetic_tile(seed, i, tile_size)[0], None) for i in range(n_tiles))
-    predictors = {MODEL: torch_predict_fn(model), BASELINE: baseline_predict_fn(seed)}
-    return evaluate_tiles(predictors, [], tiles, k, None, dataset_id=None)
+    methods = {MODEL: model_fit_fn(model, seed), BASELINE: baseline_fit_fn(seed)}
+    return evaluate_tiles(methods, [], tiles, k, None, dataset_id=None)
 
 
 # -- picture -------------------------------------------------------------------------------------

@@ -128,6 +128,17 @@ def soft_kmeans(
     return _SoftKMeans.apply(embeddings, seed_logits, iters, temperature)
 
 
+def assign_to_prototypes(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One k-means assignment [B, K, N] of ``embeddings`` [B, D, N] to fixed ``prototypes`` [K, D]."""
+    scores = torch.einsum("kd,bdn->bkn", prototypes, embeddings)
+    dist = (
+        (embeddings * embeddings).sum(dim=1, keepdim=True)
+        - 2.0 * scores
+        + (prototypes * prototypes).sum(dim=1)[:, None]
+    )
+    return torch.softmax(-dist / temperature, dim=1)
+
+
 def _weighted_means(assign: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(prototypes [B, K, D], mass [B, K, 1]): assignment-weighted means of the embeddings."""
     mass = assign.sum(dim=2, keepdim=True).clamp_min(MIN_MASS)
@@ -239,6 +250,14 @@ class SegmentationModel(nn.Module):
             embeddings = torch.cat([embeddings, self.config.colour_weight * colour], dim=1)
         return embeddings
 
+    def encode(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clustered embedding [B, D', h, w], seed logits of all max_k channels [B, max_k, h, w]).
+
+        What a caller pools over many tiles to fit one set of prototypes for a dataset or a raster."""
+        x = (rgb - self.input_mean) / self.input_std
+        features = self.encoder(x)
+        return self.clustered_embedding(x, features), self.seed_proj(features)
+
     def forward(
         self,
         rgb: torch.Tensor,
@@ -246,9 +265,12 @@ class SegmentationModel(nn.Module):
         cluster_iters: int | None = None,
         smooth_iters: int | None = None,
         upsample: bool = True,
+        prototypes: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Cluster probabilities of ``rgb`` for ``k`` clusters. ``upsample=False`` skips the full-size
-        ``probs`` (training uses the stride-4 ones) and leaves it None."""
+        ``probs`` (training uses the stride-4 ones) and leaves it None. ``prototypes`` [K, D'] (fitted
+        once for a dataset or raster) replace the per-tile seeded soft k-means by one assignment to them,
+        so cluster ids mean the same in every tile."""
         cfg = self.config
         if not 2 <= k <= cfg.max_k:
             raise ValueError(f"k={k} is outside [2, max_k={cfg.max_k}]")
@@ -259,13 +281,19 @@ class SegmentationModel(nn.Module):
 
         x = (rgb - self.input_mean) / self.input_std
         features = self.encoder(x)
-        # Only the first k seed channels are used: project to those alone.
-        seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
         embeddings = self.clustered_embedding(x, features)
         b, d, h, w = embeddings.shape
-        assign, prototypes = soft_kmeans(
-            flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
-        )
+        if prototypes is None:
+            # Only the first k seed channels are used: project to those alone.
+            seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
+            assign, prototypes = soft_kmeans(
+                flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
+            )
+        else:
+            if prototypes.shape != (k, d):
+                raise ValueError(f"prototypes of shape {tuple(prototypes.shape)}, expected ({k}, {d})")
+            assign = assign_to_prototypes(flatten_pixels(embeddings).float(), prototypes.float(), cfg.temperature)
+            prototypes = prototypes.expand(b, k, d)
         low_res = assign.view(b, k, h, w)
         if cfg.smoothing != "none" and smooth > 0:
             low_res = smooth_probs(low_res, smoothing_kernel(self.smooth_logits), smooth)

@@ -17,15 +17,15 @@ from training_core.eval import (
     BASELINE,
     MODEL,
     LabeledTile,
-    baseline_predict_fn,
+    baseline_fit_fn,
     evaluate_checkpoint,
     evaluate_dataset,
     evaluate_tiles,
     main,
+    model_fit_fn,
     read_tile,
     render_comparison,
     split_tiles,
-    torch_predict_fn,
 )
 from training_core.model import SegmentationModel
 from training_core.shards import build_shards
@@ -40,10 +40,12 @@ def _tile(index: int, label: np.ndarray) -> LabeledTile:
 
 
 def _lookup_predictor(predictions: dict[int, np.ndarray]):
-    def predict(rgb: np.ndarray, k: int) -> np.ndarray:
-        return predictions[int(rgb[0, 0, 0])]
+    """A method whose 'fit' learns nothing and whose predictor looks the answer up by tile."""
 
-    return predict
+    def fit(tiles: list[np.ndarray], k: int):
+        return lambda rgb: predictions[int(rgb[0, 0, 0])]
+
+    return fit
 
 
 def test_mapping_is_fitted_on_metrics_train_never_on_val() -> None:
@@ -87,7 +89,7 @@ def test_real_tiles_model_and_baseline_side_by_side(tmp_path: Path) -> None:
     ]
     model, _ = _small_model()
     report = evaluate_tiles(
-        {MODEL: torch_predict_fn(model), BASELINE: baseline_predict_fn(0)}, tiles[:1], tiles[1:], k=2, n_classes=2
+        {MODEL: model_fit_fn(model), BASELINE: baseline_fit_fn(0)}, tiles[:1], tiles[1:], k=2, n_classes=2
     )
     labeled_val_pixels = sum(int((t.label > 0).sum()) for t in tiles[1:])
     for name in (MODEL, BASELINE):
@@ -156,14 +158,16 @@ def test_evaluate_checkpoint_on_shards(quebec_shards: Path, checkpoint: Path) ->
 
 def test_evaluate_dataset_fits_on_the_metrics_train_shards(quebec_shards: Path) -> None:
     """A predictor right on metrics_train and swapped on val scores 0: the mapping came from metrics_train."""
-    answers = {}
+    answers: dict[bytes, np.ndarray] = {}
     for split, swap in (("metrics_train", False), ("val", True)):
         for tile in split_tiles(quebec_shards, "quebec_buildings", split):
             cluster = np.clip(tile.label.astype(np.int64) - 1, 0, 1)
             answer = (1 - cluster if swap else cluster).astype(np.uint8)
             answers[tile.rgb.tobytes()] = answer
             answers[np.ascontiguousarray(tile.rgb[:, :, ::-1]).tobytes()] = answer[:, ::-1]  # the flipped view
-    report = evaluate_dataset(lambda rgb, k: answers[rgb.tobytes()], quebec_shards, "quebec_buildings", k=2)
+    report = evaluate_dataset(
+        lambda tiles, k: lambda rgb: answers[rgb.tobytes()], quebec_shards, "quebec_buildings", k=2
+    )
     assert report.mapping_fitted_on == "metrics_train" and report.val_miou == 0.0
     assert report.miou(BASELINE) is not None
 
@@ -199,3 +203,21 @@ def test_label_outside_the_class_range_names_the_tile() -> None:
     bad = [_tile(1, np.array([[1, 3]], np.uint8))]
     with pytest.raises(ValueError, match="tile t1: label value 3"):
         evaluate_tiles({MODEL: predictor}, [], bad, k=2, n_classes=2)
+
+
+def test_baseline_fits_one_set_of_centres_for_the_dataset() -> None:
+    """k-means on RGB over all labeled kampala tiles reproduces the reference 0.465 (sample_data/README.md)."""
+    names = sorted(p.stem for p in (SAMPLE_ROOT / "kampala_buildings/masks").glob("*.tif"))
+    tiles = [
+        read_tile(
+            n, SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif", SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif"
+        )
+        for n in names
+    ]
+    report = evaluate_tiles({BASELINE: baseline_fit_fn(0)}, [], tiles, k=2, n_classes=2)
+    assert report.mapping_fitted_on == "val"
+    assert report.miou(BASELINE) == pytest.approx(0.465, abs=0.005)
+    # One set of centres: the same colour gets the same cluster id in every tile.
+    predict = baseline_fit_fn(0)([t.rgb for t in tiles], 2)
+    dark, bright = np.zeros((3, 1, 1), np.uint8), np.full((3, 1, 1), 255, np.uint8)
+    assert predict(dark)[0, 0] == 0 and predict(bright)[0, 0] == 1

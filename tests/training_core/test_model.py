@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from training_core.config import ModelConfig
-from training_core.model import SegmentationModel, _L2Normalize, smooth_probs, smoothing_kernel, soft_kmeans
+from training_core.model import (
+    SegmentationModel,
+    _L2Normalize,
+    assign_to_prototypes,
+    smooth_probs,
+    smoothing_kernel,
+    soft_kmeans,
+)
 
 
 def _plain_soft_kmeans(
@@ -144,3 +151,23 @@ def test_channels_last_training_layout_gives_the_same_outputs_and_gradients() ->
     torch.testing.assert_close(probs_b, probs_a, rtol=0, atol=1e-5)
     for got, want in zip(grads_b, grads_a, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
+
+
+def test_fixed_prototypes_give_one_assignment_round_and_the_same_ids_in_every_tile() -> None:
+    torch.manual_seed(0)
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, colour_weight=1.0)).eval()
+    tile = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        embeddings, seed_logits = model.encode(tile)
+        assert embeddings.shape == (1, 11, 8, 8) and seed_logits.shape == (1, 4, 8, 8)
+        prototypes = embeddings[0, :, :3, 0].T.contiguous()  # three cells as fixed centres
+        out = model(tile, 3, prototypes=prototypes)
+        expected = assign_to_prototypes(embeddings.flatten(2), prototypes, model.config.temperature)
+        torch.testing.assert_close(
+            out.low_res_probs, smooth_probs(expected.view(1, 3, 8, 8), smoothing_kernel(model.smooth_logits), 2)
+        )
+        # The same pixels in another batch (another tile) get the same ids against the same prototypes.
+        pair = model(torch.cat([torch.rand(1, 3, 32, 32), tile]), 3, prototypes=prototypes)
+        torch.testing.assert_close(pair.probs[1], out.probs[0])
+        with pytest.raises(ValueError, match="prototypes of shape"):
+            model(tile, 2, prototypes=prototypes)
