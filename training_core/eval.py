@@ -76,12 +76,14 @@ class MethodReport:
     hungarian: Scores | None
     majority: Scores | None
     proxies: dict[str, float]
+    cluster_shares: list[float]  # share of the eval tiles' pixels in each cluster (collapse shows here)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "hungarian": self.hungarian.to_dict() if self.hungarian else None,
             "majority": self.majority.to_dict() if self.majority else None,
             "proxies": self.proxies,
+            "cluster_shares": self.cluster_shares,
         }
 
 
@@ -246,6 +248,7 @@ def evaluate_tiles(
     fit_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
     eval_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
     proxies: dict[str, list[dict[str, float]]] = {name: [] for name in predict_fns}
+    cluster_pixels = {name: np.zeros(k, np.int64) for name in predict_fns}
     samples: list[Sample] = []
     n_fit = n_eval = 0
     if n_classes is not None:
@@ -262,6 +265,7 @@ def evaluate_tiles(
             pred = predict(tile.rgb)
             flipped = predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]))[:, ::-1]
             proxies[name].append({**label_proxies(pred, k), "view_consistency": view_consistency(pred, flipped, k)})
+            cluster_pixels[name] += np.bincount(pred.ravel(), minlength=k)[:k]
             if n_classes is not None and tile.label is not None:
                 eval_conf[name] += _confusion(pred, tile, k, n_classes, ignore_leq)
             predictions[name] = pred
@@ -278,6 +282,7 @@ def evaluate_tiles(
             hungarian=hungarian_scores(fit, eval_conf[name], ignore_leq) if labeled else None,
             majority=majority_scores(fit, eval_conf[name], ignore_leq) if labeled else None,
             proxies=_mean_proxies(proxies[name]),
+            cluster_shares=(cluster_pixels[name] / max(cluster_pixels[name].sum(), 1)).tolist(),
         )
     return EvalReport(
         dataset_id=dataset_id,
