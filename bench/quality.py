@@ -83,8 +83,9 @@ def train_within_budget(config: TrainConfig, checkpoint_dir: Path, budget_s: flo
     target = steps if steps is not None else 10**9
     config = config.model_copy(update={"steps": target})
     done = 0
+    chunk = CHUNK_STEPS if steps is None else steps
     while done < target and (steps is not None or time.perf_counter() - started < budget_s):
-        result = train(config, checkpoint_dir, resume=True, stop_after_steps=min(CHUNK_STEPS, target - done))
+        result = train(config, checkpoint_dir, resume=True, stop_after_steps=min(chunk, target - done))
         done = result.steps
     return {"steps": done, "train_wall_s": round(time.perf_counter() - started, 1), "device": result.device}
 
