@@ -174,10 +174,18 @@ def _write_checkpoint(checkpoint_dir: Path, step: int, **state: object) -> Path:
 
 
 def _trim_log(log_path: Path, keep_through_step: int) -> None:
-    """Drop log lines of steps after the checkpoint we resume from (they will be redone)."""
+    """Drop log lines of steps after the checkpoint we resume from (they will be redone), and a line
+    torn by a crash mid-write."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if step <= keep_through_step:
+            kept.append(line)
     tmp = log_path.with_name(f".{log_path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(log_path)

@@ -90,6 +90,8 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     straight = train(config, tmp_path / "straight", resume=False)
     first = train(config, tmp_path / "resumed", resume=False, stop_after_steps=5)
     assert first.steps == 5 and first.checkpoint_path == tmp_path / "resumed" / step_checkpoint_name(5)
+    with (tmp_path / "resumed" / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 6, "total": 0.1}\n{"step": 7, "tot')  # steps after the checkpoint, torn by a crash
     second = train(config, tmp_path / "resumed", resume=True)
     assert (straight.steps, second.steps) == (10, 10)
     a = load_checkpoint(straight.checkpoint_path)
