@@ -40,6 +40,11 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
     training = require_materialization(context.instance, trained_model.key)
     evaluation = require_materialization(context.instance, iou_evaluation.key)
     summary = json.loads(Path(evaluation["metadata"]["summary_path"]).read_text())
+    if summary["checkpoint"] != training["metadata"]["checkpoint_path"]:
+        raise dg.Failure(
+            f"iou_evaluation scored {summary['checkpoint']}, but the latest trained_model is "
+            f"{training['metadata']['checkpoint_path']}: materialize iou_evaluation again first"
+        )
     lineage = artifact_lineage(context.instance, training, evaluation, summary, context.run_id)
     out_dir = export_artifact(
         training["metadata"]["checkpoint_path"], paths.candidate_dir(context.run_id), lineage, summary["metrics"]

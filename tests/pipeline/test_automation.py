@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import rasterio
 
+from assets import checks, datasets, evaluation, export, training
 from assets.datasets import DATASETS
-from assets.resources import ProjectPaths
+from assets.resources import ProjectPaths, TrainingDevice
 from pipeline.automation import nightly_shard_rebuild, raw_dataset_sensor
+from pipeline.jobs import refresh_dataset
 from tests.assets.conftest import copy_datasets, make_paths
 from training_core.shards import build_shards
 
@@ -96,3 +98,41 @@ def test_schedule_rebuilds_only_datasets_whose_data_version_changed(
     shutil.copytree(paths.dataset_dir("quebec_buildings"), paths.dataset_dir("quebec_copy"))
     instance.add_dynamic_partitions(DATASETS.name, ["quebec_copy"])  # what the sensor does for a new folder
     assert schedule_tick(instance, paths) == ["new_brunswick_landcover", "quebec_copy"]
+
+
+def test_a_sensor_request_rebuilds_only_that_dataset_and_everything_downstream(
+    instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """Execute what the sensor asks for after a one-pixel change: that dataset's header and shards, then
+    training, evaluation and export; the other datasets' shards are left alone."""
+    dataset_ids = [*DATASET_IDS, "unlabeled_scenes"]
+    paths = make_paths(tmp_path, copy_datasets(tmp_path / "extracted", dataset_ids))
+    first = sensor_tick(instance, paths, cursor=None)
+    for dataset_id in dataset_ids:
+        build_shards(paths.extracted_root, paths.processed_root, dataset_id)
+    change_one_pixel(paths.dataset_dir("quebec_buildings"))
+    (request,) = sensor_tick(instance, paths, cursor=first.cursor).run_requests
+
+    job = dg.Definitions(
+        assets=dg.load_assets_from_modules([datasets, training, evaluation, export]),
+        asset_checks=dg.load_asset_checks_from_modules([checks, evaluation, export]),
+        jobs=[refresh_dataset],
+        resources={"paths": paths, "training_device": TrainingDevice(device="cpu")},
+    ).resolve_job_def(request.job_name or refresh_dataset.name)
+    tiny = {"steps": 2, "model": {"embed_dim": 8, "max_k": 4}, "data": {"patch_size": 32}}
+    result = job.execute_in_process(
+        instance=instance, partition_key=request.partition_key, run_config={"ops": {"trained_model": {"config": tiny}}}
+    )
+    assert result.success
+    materializations = [
+        event.step_materialization_data.materialization for event in result.get_asset_materialization_events()
+    ]
+    rebuilt = {(m.asset_key.to_user_string(), m.partition) for m in materializations}
+    assert rebuilt == {
+        ("dataset_header", "quebec_buildings"),
+        ("processed_shards", "quebec_buildings"),
+        ("trained_model", None),
+        ("iou_evaluation", None),
+        ("runtime_artifact", None),
+        ("best_model", None),
+    }

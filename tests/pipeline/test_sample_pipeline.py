@@ -17,6 +17,41 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DATASETS = sorted(p.name for p in (REPO_ROOT / "sample_data" / "extracted").iterdir() if p.is_dir())
 
 
+LINEAGE_QUERY = """
+query Lineage($path: [String!]!) {
+  assetNodeOrError(assetKey: {path: $path}) {
+    ... on AssetNode {
+      dependencyKeys { path }
+      assetMaterializations(limit: 20) { runId partition }
+    }
+  }
+}
+"""
+
+
+def upstream_runs_via_graphql(instance: dg.DagsterInstance, env: dict[str, str]) -> dict[str, dict[str | None, str]]:
+    """asset -> {partition: run id of its newest materialization}, for everything upstream of runtime_artifact."""
+    from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+    found: dict[str, dict[str | None, str]] = {}
+    pending = ["runtime_artifact"]
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        with define_out_of_process_context(str(REPO_ROOT / "pipeline" / "definitions.py"), "defs", instance) as ctx:
+            while pending:
+                asset = pending.pop()
+                result = execute_dagster_graphql(ctx, LINEAGE_QUERY, {"path": [asset]})
+                assert not result.errors, result.errors
+                node = result.data["assetNodeOrError"]
+                newest: dict[str | None, str] = {}
+                for materialization in node["assetMaterializations"]:  # newest first
+                    newest.setdefault(materialization["partition"], materialization["runId"])
+                found[asset] = newest
+                pending += [dep["path"][0] for dep in node["dependencyKeys"] if dep["path"][0] not in found]
+    return found
+
+
 @pytest.mark.timeout(900)
 def test_bin_run_sample_materializes_the_whole_graph_and_the_artifact_checks_out(tmp_path: Path) -> None:
     home = tmp_path / "dagster_home"
@@ -44,3 +79,13 @@ def test_bin_run_sample_materializes_the_whole_graph_and_the_artifact_checks_out
     assert metadata["data_versions"] == summary["data_versions"]
     assert "data:image/png;base64," in metadata["evaluation_picture"]
     assert metadata["lineage"]["runs"]["shards"].keys() == set(SAMPLE_DATASETS)
+
+    # The same lineage reached through GraphQL, walking upstream from the artifact.
+    env_for_code_server = {"SEGPIPE_WORK_ROOT": str(tmp_path / "work")}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        runs = upstream_runs_via_graphql(instance, env_for_code_server)
+    lineage = meta["lineage"]["runs"]
+    assert runs["iou_evaluation"] == {None: lineage["evaluation"]}
+    assert runs["trained_model"] == {None: lineage["training"]}
+    assert runs["processed_shards"] == lineage["shards"]
+    assert runs["dataset_header"] == lineage["header"]
