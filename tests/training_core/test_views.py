@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from training_core.config import AugmentConfig
-from training_core.data.views import DIHEDRAL_CODES, dihedral, inverse_dihedral, make_views, warp, warp_grid
+from training_core.data.views import (
+    DIHEDRAL_CODES,
+    dihedral,
+    gaussian_noise,
+    inverse_dihedral,
+    make_views,
+    warp,
+    warp_grid,
+)
 
 PAIRS = list(itertools.product(DIHEDRAL_CODES, DIHEDRAL_CODES))
 
@@ -104,3 +112,17 @@ def test_same_generator_seed_gives_the_same_views() -> None:
 def test_non_square_images_are_rejected() -> None:
     with pytest.raises(ValueError, match="square images"):
         make_views(torch.zeros(1, 3, 8, 12), AugmentConfig(), torch.Generator())
+
+
+def test_gaussian_noise_is_standard_reproducible_and_thread_count_free() -> None:
+    shape = torch.Size([2, 3, 64, 64])
+    first = gaussian_noise(shape, torch.Generator().manual_seed(4))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = gaussian_noise(shape, torch.Generator().manual_seed(4))
+    finally:
+        torch.set_num_threads(threads)
+    assert first.shape == shape and torch.equal(first, again)
+    assert abs(first.mean().item()) < 0.02 and abs(first.std().item() - 1) < 0.02
+    assert not torch.equal(first, gaussian_noise(shape, torch.Generator().manual_seed(5)))
