@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -168,7 +169,10 @@ def _write_checkpoint(checkpoint_dir: Path, step: int, **state: object) -> Path:
     """``step-XXXXXX.pt``, then an atomic copy of it to ``last.pt``; returns the step file."""
     step_path = save_checkpoint(checkpoint_dir / step_checkpoint_name(step), step=step, **state)
     tmp_last = checkpoint_dir / f".{LAST_NAME}.tmp"
-    shutil.copyfile(step_path, tmp_last)
+    with step_path.open("rb") as source, tmp_last.open("wb") as target:
+        shutil.copyfileobj(source, target)
+        target.flush()
+        os.fsync(target.fileno())
     tmp_last.replace(checkpoint_dir / LAST_NAME)
     return step_path
 
