@@ -244,7 +244,7 @@ def _train(
         checkpoint = load_checkpoint(existing)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"] is not None:
+        if checkpoint.get("scaler") is not None:  # absent in checkpoints written without AMP scaling
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
         start_step, last_losses, checkpoint_path = checkpoint["step"], checkpoint["losses"], existing
