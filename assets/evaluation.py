@@ -43,7 +43,7 @@ def iou_evaluation(
     dataset_ids = labeled_datasets(context.instance, paths.processed_root)
     if not dataset_ids:
         raise dg.Failure(f"no registered dataset under {paths.processed_root} has labeled val tiles to score")
-    out_dir = Path(paths.artifacts_root) / "evaluations" / context.run_id
+    out_dir = Path(paths.artifacts_root) / "evaluations" / context.run.run_id
     reports: dict[str, EvalReport] = {}
     pictures: dict[str, Path] = {}
     for dataset_id in dataset_ids:

@@ -45,9 +45,9 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
             f"iou_evaluation scored {summary['checkpoint']}, but the latest trained_model is "
             f"{training['metadata']['checkpoint_path']}: materialize iou_evaluation again first"
         )
-    lineage = artifact_lineage(context.instance, training, evaluation, summary, context.run_id)
+    lineage = artifact_lineage(context.instance, training, evaluation, summary, context.run.run_id)
     out_dir = export_artifact(
-        training["metadata"]["checkpoint_path"], paths.candidate_dir(context.run_id), lineage, summary["metrics"]
+        training["metadata"]["checkpoint_path"], paths.candidate_dir(context.run.run_id), lineage, summary["metrics"]
     )
     meta = json.loads((out_dir / META_FILENAME).read_text())
     context.log.info(f"exported {out_dir} (val mIoU {summary['metrics'].get('val_miou')})")

@@ -58,7 +58,7 @@ def test_observation_registers_new_folders_as_partitions_with_content_hash_versi
     resources: dict, extracted_root: Path
 ) -> None:
     observe = dg.define_asset_job("observe", selection=[raw_dataset])
-    job = dg.Definitions(assets=[raw_dataset], jobs=[observe], resources=resources).get_job_def("observe")
+    job = dg.Definitions(assets=[raw_dataset], jobs=[observe], resources=resources).resolve_job_def("observe")
     with dg.instance_for_test() as instance:
         assert job.execute_in_process(instance=instance).success
         assert sorted(instance.get_dynamic_partitions("datasets")) == ["quebec_buildings", "unlabeled_scenes"]

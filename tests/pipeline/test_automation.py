@@ -44,8 +44,8 @@ def change_one_pixel(dataset_dir: Path) -> Path:
 
 def sensor_tick(instance: dg.DagsterInstance, paths: ProjectPaths, cursor: str | None) -> dg.SensorResult:
     """One evaluation; partitions it asks for are added, as the daemon would."""
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"paths": paths})
-    result = raw_dataset_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"paths": paths}) as context:
+        result = raw_dataset_sensor(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
@@ -76,8 +76,8 @@ def test_sensor_runs_only_for_new_or_changed_datasets(instance: dg.DagsterInstan
 
 
 def schedule_tick(instance: dg.DagsterInstance, paths: ProjectPaths) -> list[str]:
-    context = dg.build_schedule_context(instance=instance, resources={"paths": paths})
-    result = nightly_shard_rebuild(context)
+    with dg.build_schedule_context(instance=instance, resources={"paths": paths}) as context:
+        result = nightly_shard_rebuild(context)
     if isinstance(result, dg.SkipReason):
         return []
     return sorted(request.partition_key for request in result)
