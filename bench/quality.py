@@ -138,7 +138,10 @@ def run(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
     for dataset_id in dataset_ids:
         record = score_dataset(model, processed, dataset_id, seed)
         if record is not None:
-            records.append({"bench": "quality", "seed": seed, "budget_s": args.budget_s, **budget, **record})
+            config_name = args.config.stem if args.config else "defaults"
+            records.append(
+                {"bench": "quality", "config": config_name, "seed": seed, "budget_s": args.budget_s, **budget, **record}
+            )
     return records
 
 
