@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ class DistributedContext:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, differentiable (gradients flow back to every rank's contribution)."""
-        return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM) if self.enabled else tensor
+        return _AllReduceSum.apply(tensor) if self.enabled else tensor
 
     def mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average of a detached tensor over ranks (for logging and agreeing on decisions)."""
@@ -43,6 +42,24 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``y = sum over ranks of x``, on every rank. Every rank's loss depends on y, so the gradient of
+    the ranks' summed loss w.r.t. this rank's x is the sum over ranks of dL/dy: an all-reduce again
+    (DDP then averages parameter gradients, i.e. differentiates the mean of the ranks' losses)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        summed = tensor.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
 
 
 def context_from_env() -> DistributedContext:

@@ -284,8 +284,7 @@ class SegmentationModel(nn.Module):
         embeddings = self.clustered_embedding(x, features)
         b, d, h, w = embeddings.shape
         if prototypes is None:
-            # Only the first k seed channels are used: project to those alone.
-            seed_logits = F.conv2d(features, self.seed_proj.weight[:k], self.seed_proj.bias[:k])
+            seed_logits = self.seed_proj(features)[:, :k]
             assign, prototypes = soft_kmeans(
                 flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
             )
