@@ -8,6 +8,7 @@ The jobs ``train_cpu`` and ``train_gpu`` materialize this same asset with differ
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,8 @@ def trained_model(
         context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
     if training_device.torch_threads:
         torch.set_num_threads(training_device.torch_threads)
+    # Progress goes to the run log (below); the terminal bar would only repeat it in the step's stderr.
+    os.environ["TQDM_DISABLE"] = "1"
     result = train(
         config, checkpoint_dir, resume=True, progress=lambda row: context.log.info(progress_line(row, config.steps))
     )
