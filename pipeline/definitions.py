@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+from dagster_k8s import k8s_job_executor
 
 import assets.checks
 from assets import datasets, evaluation, export, training
@@ -23,7 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Two step processes at most: the host has few cores (training uses them all) and the SQLite instance
 # takes one writer at a time; see docs/OPERATIONS.md. Steps fork from a server that has already imported
 # this code location (torch, rasterio, dagster), instead of paying that import in every step process.
-EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_method": {"forkserver": {}}})
+LOCAL_EXECUTOR = dg.multiprocess_executor.configured({"max_concurrent": 2, "start_method": {"forkserver": {}}})
+# On a cluster every step is its own Kubernetes job; deploy/k8s/ gives the training step its GPU request.
+EXECUTORS_BY_ENV = {"local": LOCAL_EXECUTOR, "cluster": k8s_job_executor}
 
 
 def paths_under(extracted_root: str, work_root: str) -> ProjectPaths:
@@ -69,12 +72,15 @@ def resources_for(environment: str) -> dict[str, dg.ConfigurableResource]:
     return RESOURCES_BY_ENV[environment]()
 
 
+ENVIRONMENT = os.environ.get("SEGPIPE_ENV", "local")
+
+
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules([datasets, training, evaluation, export]),
     asset_checks=dg.load_asset_checks_from_modules([assets.checks, evaluation, export]),
     jobs=ALL_JOBS,
     sensors=[raw_dataset_sensor],
     schedules=[nightly_shard_rebuild],
-    resources=resources_for(os.environ.get("SEGPIPE_ENV", "local")),
-    executor=EXECUTOR,
+    resources=resources_for(ENVIRONMENT),
+    executor=EXECUTORS_BY_ENV[ENVIRONMENT],
 )

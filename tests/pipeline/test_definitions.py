@@ -1,7 +1,9 @@
 """The code location loads, validates, and its jobs carry the tags and config deployments rely on."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,22 @@ def test_dagster_cli_validates_the_workspace() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "All code locations passed validation" in result.stderr + result.stdout
+
+
+def test_cluster_environment_runs_each_step_as_a_kubernetes_job() -> None:
+    """The environment switch picks the executor too: local steps fork on this host, cluster steps are k8s jobs."""
+    code = (
+        "from pipeline.definitions import defs; "
+        "print(defs.resolve_job_def('train_gpu').executor_def.name, defs.resources['training_device'].device)"
+    )
+    local = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    cluster = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "SEGPIPE_ENV": "cluster"},
+    )
+    assert local.stdout.split() == ["multiprocess", "auto"]
+    assert cluster.stdout.split() == ["k8s", "cuda"]
