@@ -42,7 +42,7 @@ from training_core.checkpoint import (
     step_checkpoint_name,
 )
 from training_core.config import TrainConfig, load_config
-from training_core.data import build_loader, set_loader_epoch
+from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.views import make_views
 from training_core.device import DevicePolicy, device_policy
 from training_core.distributed import (
@@ -273,7 +273,8 @@ def _train(
             sums = torch.zeros(len(LOSS_PARTS), device=policy.device)
             for micro in range(config.grad_accum):
                 batch = next(batches)
-                images = batch["image"].to(policy.device, non_blocking=True)
+                # uint8 over the wire (a quarter of the bytes), float on the device.
+                images = unit_float(batch["image"].to(policy.device, non_blocking=True))
                 valid = batch["valid"].to(policy.device, non_blocking=True) if "valid" in batch else None
                 generator = view_generator(config.seed, step, dist_ctx.rank, micro, policy.device)
                 # DDP all-reduces gradients once per step: skip the sync on all but the last micro-batch.

@@ -58,7 +58,8 @@ def test_rasters_smaller_than_the_patch_are_padded_not_skipped() -> None:
         h, w = raster.height, raster.width
         image = _read(raster.input_path, (1, 2, 3))
         assert sample["image"].shape == (3, 512, 512)
-        assert torch.equal(sample["image"][:, :h, :w], torch.from_numpy(image).float() / 255)
+        assert sample["image"].dtype == torch.uint8
+        assert torch.equal(sample["image"][:, :h, :w], torch.from_numpy(image))
         # Reflected padding: row h + k mirrors row h - 2 - k, column w + k mirrors column w - 2 - k.
         padded = sample["image"].numpy()
         np.testing.assert_array_equal(padded[:, h : h + 10, :w], padded[:, h - 2 : h - 12 : -1, :w])
@@ -74,7 +75,7 @@ def test_window_targets_stay_aligned() -> None:
     sample = PatchDataset(rasters, patch_size=128)[PatchLocation(1, 256, 384)]
     image = _read(rasters[1].input_path, (1, 2, 3))[:, 256:384, 384:512]
     target = _read(rasters[1].target_path, 1)[256:384, 384:512]
-    assert torch.equal(sample["image"], torch.from_numpy(image).float() / 255)
+    assert torch.equal(sample["image"], torch.from_numpy(image))
     assert torch.equal(sample["target"], torch.from_numpy(target).long())
     assert sample["item_id"] == "tile_2@256,384" and bool(sample["valid"].all())
 

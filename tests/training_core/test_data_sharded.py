@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training_core.config import DataConfig
-from training_core.data import build_loader, set_loader_epoch
+from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import ShardDataset, ShardItem, assign_items
 from training_core.headers import DatasetError, discover_datasets
 from training_core.shards import build_shards, iter_split_items
@@ -82,7 +82,9 @@ def test_samples_match_the_shard_files(processed_root: Path) -> None:
     with rasterio.open(shard_dir / entry.input) as src, rasterio.open(shard_dir / entry.target) as tgt:
         image, target = src.read(), tgt.read(1)
     assert sample["item_id"] == f"quebec_buildings/{entry.item_id}"
-    assert sample["image"].dtype == torch.float32 and torch.equal(sample["image"], torch.from_numpy(image) / 255)
+    assert sample["image"].dtype == torch.uint8 and torch.equal(sample["image"], torch.from_numpy(image))
+    # The trainer's conversion gives the floats the loader produced before it yielded uint8.
+    assert torch.equal(unit_float(sample["image"]), torch.from_numpy(image).float() / 255)
     assert sample["target"].dtype == torch.int64 and torch.equal(sample["target"], torch.from_numpy(target).long())
     assert sample["valid"].dtype == torch.bool and bool(sample["valid"].all())
 
@@ -107,6 +109,7 @@ def test_lru_cache_serves_the_second_epoch_with_identical_samples(processed_root
         for a, b in zip(plain, cached, strict=True):
             assert a["item_id"] == b["item_id"]
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["valid"], b["valid"])
+            b["image"].zero_()  # a sample is a copy: scribbling on it leaves the cached tile intact
     assert (cached.cache_misses, cached.cache_hits) == (n, n)
 
     bounded = ShardDataset(processed_root, split="train", patch_size=32, cache_mode="lru", cache_max_items=2)
@@ -123,6 +126,7 @@ def test_loader_from_config(processed_root: Path) -> None:
     )
     batch = next(iter(build_loader(cfg, batch_size=4, seed=0)))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["valid"].shape == (4, 64, 64)
+    assert batch["image"].dtype == torch.uint8
 
     capped = build_loader(cfg.model_copy(update={"max_samples": 5, "num_workers": 2}), batch_size=2, seed=0)
     epochs = []

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from training_core.config import DataConfig
-from training_core.data import build_loader, set_loader_epoch
+from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.synthetic import MAX_REGIONS, MIN_REGIONS, SyntheticTiles
 
 
 def test_sample_contract() -> None:
     sample = SyntheticTiles(n_items=2, patch_size=64, seed=7)[1]
-    assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, 64, 64)
-    # Exactly uint8 / 255.
-    assert torch.equal(sample["image"] * 255, (sample["image"] * 255).round())
-    assert 0.0 <= sample["image"].min() and sample["image"].max() <= 1.0
+    assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 64, 64)
     assert sample["target"].dtype == torch.int64 and sample["target"].shape == (64, 64)
     labels = sample["target"].unique()
     assert labels.min() >= 1 and MIN_REGIONS <= labels.numel() <= MAX_REGIONS
@@ -22,9 +20,19 @@ def test_sample_contract() -> None:
     assert sample["item_id"] == "synthetic-7-000001"
 
 
+def test_unit_float_is_exactly_pixel_over_255() -> None:
+    # Every uint8 value, as the trainer converts it, equals the float32 quotient pixel / 255.
+    pixels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    converted = unit_float(torch.from_numpy(pixels))
+    assert converted.dtype == torch.float32
+    assert torch.equal(converted, torch.from_numpy(np.divide(pixels, np.float32(255.0), dtype=np.float32)))
+    assert converted.min() == 0.0 and converted.max() == 1.0
+
+
 def test_regions_differ_in_colour() -> None:
     sample = SyntheticTiles(n_items=1, patch_size=128, seed=3)[0]
-    means = [sample["image"][:, sample["target"] == label].mean(dim=1) for label in sample["target"].unique()]
+    image = unit_float(sample["image"])
+    means = [image[:, sample["target"] == label].mean(dim=1) for label in sample["target"].unique()]
     gaps = [torch.dist(a, b) for i, a in enumerate(means) for b in means[i + 1 :]]
     assert min(gaps) > 0.01
 

@@ -2,9 +2,10 @@
 
 Sources: ``synthetic`` (seeded tiles, the default), ``shards`` (processed shards of
 ``dataset_ids`` under ``processed_root``, split ``split``), ``geo`` (random patches of the GeoTIFFs in
-``geo_paths``, unlabeled). Every batch is a dict: ``image`` float32 [B, 3, P, P] in [0, 1], ``valid``
-bool [B, P, P], ``item_id`` list[str], and ``target`` int64 [B, P, P] (0 = ignore) where the source has
-labels.
+``geo_paths``, unlabeled). Every batch is a dict: ``image`` uint8 [B, 3, P, P] (the pixels as read),
+``valid`` bool [B, P, P], ``item_id`` list[str], and ``target`` int64 [B, P, P] (0 = ignore) where the
+source has labels. Images stay uint8 until they reach the device, where ``unit_float`` turns them into
+float32 in [0, 1]: a quarter of the bytes to build, collate, pin and transfer.
 
 A loader is one epoch: iterate it again for the next one, calling ``set_loader_epoch(loader, epoch)``
 first so the shuffle (and random windows / crops) differ per epoch yet stay reproducible. Ranks get
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from training_core.config import DataConfig
@@ -24,7 +26,7 @@ from training_core.data.patches import GridPatchSampler, PatchDataset, RandomPat
 from training_core.data.sharded import ShardDataset
 from training_core.data.synthetic import SyntheticTiles
 
-__all__ = ["build_loader", "set_loader_epoch"]
+__all__ = ["build_loader", "set_loader_epoch", "unit_float"]
 
 
 def build_loader(data_cfg: DataConfig, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -75,3 +77,12 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
         set_epoch = getattr(part, "set_epoch", None)
         if set_epoch is not None:
             set_epoch(epoch)
+
+
+def unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1]: exactly ``pixel / 255`` (float32 division), on any device.
+
+    The divisor is a 0-dim tensor on the images' device, not a Python number: CUDA turns division by
+    a CPU scalar into a multiplication by its reciprocal, which can be one ulp off the true quotient.
+    """
+    return images.float().div_(torch.full((), 255.0, device=images.device))

@@ -4,7 +4,7 @@ torchgeo-style split of jobs: a *sampler* decides where the windows are (``Rando
 random windows, ``GridPatchSampler`` covers every raster), the *dataset* (``PatchDataset``) turns one
 ``PatchLocation`` into a sample. ``DataLoader(PatchDataset(...), sampler=...)`` wires them together.
 
-Every sample is a dict: ``image`` float32 [3, P, P] in [0, 1] (uint8 / 255), ``valid`` bool [P, P],
+Every sample is a dict: ``image`` uint8 [3, P, P] (the pixels as read), ``valid`` bool [P, P],
 ``item_id`` str, and ``target`` int64 [P, P] (0 = ignore) when the raster has a paired target.
 
 Rasters smaller than the patch are padded, never skipped. Padding choice: the image is *reflected*
@@ -122,11 +122,10 @@ def crop_sample(tile: Tile, row: int, col: int, patch_size: int, item_id: str) -
     image = tile.image[:, rows, cols]
     if image.shape[1:] != (patch_size, patch_size):
         raise ValueError(f"{item_id}: patch at ({row}, {col}) leaves the {tile.height}x{tile.width} tile")
-    # numpy, not torch: torch would spread this small op over its intra-op threads, whose spinning
-    # competes with the reader (and the trainer) for the cores; dividing keeps the values exactly uint8 / 255.
+    # Copies, so that a sample never aliases a tile the LRU cache keeps.
     valid = np.ones((patch_size, patch_size), dtype=bool) if tile.valid is None else tile.valid[rows, cols].copy()
     sample = {
-        "image": torch.from_numpy(np.divide(image, np.float32(255.0), dtype=np.float32)),
+        "image": torch.from_numpy(image.copy()),
         "valid": torch.from_numpy(valid),
         "item_id": item_id,
     }

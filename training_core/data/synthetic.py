@@ -60,7 +60,7 @@ class SyntheticTiles(Dataset):
             raise IndexError(f"synthetic tile {index} outside [0, {self.n_items})")
         image, region = synthetic_tile(self.seed, index, self.patch_size)
         return {
-            "image": torch.from_numpy(np.divide(image, np.float32(255.0), dtype=np.float32)),
+            "image": torch.from_numpy(image),
             "target": torch.from_numpy(region.astype(np.int64)),
             "valid": torch.ones((self.patch_size, self.patch_size), dtype=torch.bool),
             "item_id": f"synthetic-{self.seed}-{index:06d}",
