@@ -108,11 +108,14 @@ def pad_tile(tile: Tile, patch_size: int) -> Tile:
     if not pad_rows and not pad_cols:
         return tile
     image = np.pad(tile.image, ((0, 0), (0, pad_rows), (0, pad_cols)), mode="reflect")
-    valid = tile.valid if tile.valid is not None else np.ones((tile.height, tile.width), dtype=bool)
-    valid = np.pad(valid, ((0, pad_rows), (0, pad_cols)), constant_values=False)
+    # Constant padding as zeros + one copy: several times faster than np.pad on the loader's hot path.
+    rows, cols = slice(0, tile.height), slice(0, tile.width)
+    valid = np.zeros((tile.height + pad_rows, tile.width + pad_cols), dtype=bool)
+    valid[rows, cols] = True if tile.valid is None else tile.valid
     target = None
     if tile.target is not None:
-        target = np.pad(tile.target, ((0, pad_rows), (0, pad_cols)), constant_values=0)
+        target = np.zeros(valid.shape, dtype=tile.target.dtype)
+        target[rows, cols] = tile.target
     return Tile(image=image, target=target, valid=valid)
 
 
