@@ -120,15 +120,18 @@ def pad_tile(tile: Tile, patch_size: int) -> Tile:
 
 
 def crop_sample(tile: Tile, row: int, col: int, patch_size: int, item_id: str) -> dict:
-    """The sample dict of the ``patch_size`` square at (row, col) of a tile at least that large."""
+    """The sample dict of the ``patch_size`` square at (row, col) of a tile at least that large.
+
+    ``image`` is a view of the tile's pixels (``valid`` and ``target`` are copies): a caller that keeps
+    the tile, like the LRU cache, copies the image so that no sample aliases it.
+    """
     rows, cols = slice(row, row + patch_size), slice(col, col + patch_size)
     image = tile.image[:, rows, cols]
     if image.shape[1:] != (patch_size, patch_size):
         raise ValueError(f"{item_id}: patch at ({row}, {col}) leaves the {tile.height}x{tile.width} tile")
-    # Copies, so that a sample never aliases a tile the LRU cache keeps.
     valid = np.ones((patch_size, patch_size), dtype=bool) if tile.valid is None else tile.valid[rows, cols].copy()
     sample = {
-        "image": torch.from_numpy(image.copy()),
+        "image": torch.from_numpy(image),
         "valid": torch.from_numpy(valid),
         "item_id": item_id,
     }

@@ -177,7 +177,9 @@ class ShardDataset(IterableDataset):
         if self.cache_max_items is not None:
             tile = self._cached_tile(item)
             row, col = self._crop_origin(item, epoch, tile.height, tile.width)
-            return crop_sample(tile, row, col, self.patch_size, item.item_id)
+            sample = crop_sample(tile, row, col, self.patch_size, item.item_id)
+            sample["image"] = sample["image"].clone()  # the cache keeps the tile: the sample gets its own pixels
+            return sample
 
         def crop_window(height: int, width: int) -> Window:
             row, col = self._crop_origin(item, epoch, height, width)
