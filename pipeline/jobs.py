@@ -16,7 +16,7 @@ from training_core.headers import discover_datasets
 SAMPLE_EXTRACTED_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
 SAMPLE_DATASETS = discover_datasets(SAMPLE_EXTRACTED_ROOT)
 
-# A short CPU training budget on the sample tiles, shared by the CLI (-c) and the launchpad default.
+# The shipped training defaults on the CPU, shared by the CLI (-c) and the launchpad default.
 SAMPLE_RUN_CONFIG_PATH = Path(__file__).with_name("sample_run.yaml")
 SAMPLE_RUN_CONFIG = yaml.safe_load(SAMPLE_RUN_CONFIG_PATH.read_text())
 
@@ -91,7 +91,7 @@ sample_pipeline = dg.define_asset_job(
         "dagster/asset_partition_range_end": SAMPLE_DATASETS[-1],
         "segpipe/device": "cpu",
     },
-    description="The whole graph on the bundled sample data with a short CPU training budget (what CI runs).",
+    description="The whole graph on the sample data, trained with the shipped defaults on the CPU (CI runs it).",
 )
 
 ALL_JOBS = [
