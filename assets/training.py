@@ -30,6 +30,9 @@ TRAIN_CONFIG_SCHEMA = config_schema_from_model(TrainConfig)
 # The checkpoint folder depends on what shapes the weights, not on where they are computed: a run
 # moved from CPU to GPU (or retried on another host) resumes the same training.
 _NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
+# Pixel entropy is in units of log K, so 1 is a uniform assignment over the clusters.
+UNIFORM_PIXEL_ENTROPY = 0.99
+UNIFORM_CHECK = "assignments_not_uniform"
 
 
 @dg.asset(
@@ -41,6 +44,13 @@ _NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
     # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes.
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2),
     description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            UNIFORM_CHECK,
+            asset="trained_model",
+            description="At the last step pixels commit to clusters (the losses have not collapsed to uniform).",
+        )
+    ],
 )
 def trained_model(
     context: dg.AssetExecutionContext, paths: ProjectPaths, training_device: TrainingDevice
@@ -90,6 +100,24 @@ def trained_model(
             "upstream": lineage_of_partitions(context.instance, processed_shards.key, config.data.dataset_ids),
             "config": config.model_dump(mode="json"),
         },
+        check_results=[assignments_not_uniform(result.final_losses)],
+    )
+
+
+def assignments_not_uniform(final_losses: dict[str, float]) -> dg.AssetCheckResult:
+    """A warning when the last step's assignments are (nearly) uniform over K.
+
+    Uniform assignments are a fixed point of the clustering losses: no gradient reaches the encoder, so
+    the exported weights are the initialisation plus optimiser drift, however good a score looks
+    (docs/MODEL_NOTES.md, sweep 2: strong photometric augmentation got there within 50 steps).
+    """
+    entropy = float(final_losses["pixel_entropy"])
+    return dg.AssetCheckResult(
+        check_name=UNIFORM_CHECK,
+        passed=entropy < UNIFORM_PIXEL_ENTROPY,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"last-step pixel entropy {entropy:.3f} (1 = uniform over K; warns at {UNIFORM_PIXEL_ENTROPY})",
+        metadata={"pixel_entropy": entropy},
     )
 
 

@@ -53,8 +53,7 @@ class AugmentConfig(StrictModel):
     flip: bool = True
     rot90: bool = True
     noise_std: float = Field(0.02, ge=0)
-    colour_jitter: float = Field(0.3, ge=0, lt=1, description="brightness/contrast/saturation factors in 1 +- this")
-    shading: float = Field(0.4, ge=0, description="log-std of a smooth random brightness field (shadows, haze)")
+    colour_jitter: float = Field(0.0, ge=0, lt=1, description="brightness/contrast/saturation factors in 1 +- this")
 
 
 class LossConfig(StrictModel):

@@ -7,7 +7,7 @@ import pytest
 
 from assets.datasets import dataset_header, processed_shards
 from assets.resources import ProjectPaths, TrainingDevice
-from assets.training import trained_model, training_config, training_key
+from assets.training import assignments_not_uniform, trained_model, training_config, training_key
 from training_core.config import TrainConfig
 
 TINY = {
@@ -53,6 +53,17 @@ def test_trained_model_trains_on_unlabeled_shards_and_reports_progress_and_metad
     progress = [e.message for e in instance.all_logs(result.run_id) if e.message and e.message.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["2/4", "4/4"]
     assert all("img/s" in line and "ETA" in line for line in progress)
+    (check,) = result.get_asset_check_evaluations()
+    assert check.check_name == "assignments_not_uniform"
+    assert check.metadata["pixel_entropy"].value == pytest.approx(metadata["final_losses"]["pixel_entropy"], abs=1e-6)
+    assert check.passed == (metadata["final_losses"]["pixel_entropy"] < 0.99)
+
+
+def test_uniform_assignments_warn_and_committed_ones_pass() -> None:
+    uniform = assignments_not_uniform({"pixel_entropy": 0.9991, "total": -0.9})
+    assert not uniform.passed and uniform.severity == dg.AssetCheckSeverity.WARN
+    assert "0.999" in uniform.description
+    assert assignments_not_uniform({"pixel_entropy": 0.52}).passed
 
 
 def test_rematerializing_the_same_config_resumes_from_its_checkpoint(built: dict, instance: dg.DagsterInstance) -> None:

@@ -20,7 +20,6 @@ from training_core.data.views import (
 )
 
 PAIRS = list(itertools.product(DIHEDRAL_CODES, DIHEDRAL_CODES))
-GEOMETRY_ONLY = AugmentConfig(noise_std=0.0, colour_jitter=0.0, shading=0.0)  # views differ by a dihedral only
 
 
 def _dyadic_image(size: int, seed: int = 0) -> torch.Tensor:
@@ -69,7 +68,7 @@ def test_warp_equals_nearest_grid_sample() -> None:
 
 def test_make_views_without_noise_are_aligned_by_their_grid() -> None:
     images = _dyadic_image(16).repeat(6, 1, 1, 1) * torch.linspace(0.5, 1.0, 6).view(6, 1, 1, 1)
-    views = make_views(images, GEOMETRY_ONLY, torch.Generator().manual_seed(0))
+    views = make_views(images, AugmentConfig(noise_std=0.0), torch.Generator().manual_seed(0))
     assert len(set(zip(views.codes1, views.codes2, strict=True))) > 1, "views draw their own transforms"
     assert torch.equal(warp(views.view2, views.grid(16)), views.view1)
     for i, code in enumerate(views.codes1):
@@ -80,7 +79,7 @@ def test_low_res_inputs_and_valid_masks_move_with_each_view() -> None:
     images = _dyadic_image(16).repeat(4, 1, 1, 1)
     valid = torch.zeros(4, 16, 16, dtype=torch.bool)
     valid[:, :10, :5] = True  # e.g. a raster smaller than the patch, padded bottom and right
-    views = make_views(images, GEOMETRY_ONLY, torch.Generator().manual_seed(1), valid)
+    views = make_views(images, AugmentConfig(noise_std=0.0), torch.Generator().manual_seed(1), valid)
     image1, image2, valid1, valid2 = views.low_res(4)
     assert valid1.shape == (4, 1, 4, 4)
     pooled_valid = F.avg_pool2d(valid[:, None].float(), 4)
@@ -95,26 +94,12 @@ def test_low_res_inputs_and_valid_masks_move_with_each_view() -> None:
 
 def test_noise_and_jitter_stay_in_range_and_differ_per_view() -> None:
     images = torch.full((2, 3, 16, 16), 0.5)
-    augment = AugmentConfig(flip=False, rot90=False, noise_std=0.1, colour_jitter=0.4, shading=0.0)
+    augment = AugmentConfig(flip=False, rot90=False, noise_std=0.1, colour_jitter=0.4)
     views = make_views(images, augment, torch.Generator().manual_seed(0))
     assert views.codes1 == views.codes2 == [0, 0]
     for view in (views.view1, views.view2):
         assert 0.0 <= view.min() and view.max() <= 1.0
     assert not torch.equal(views.view1, views.view2)
-
-
-def test_shading_is_a_smooth_brightness_field_that_keeps_hue_and_differs_per_view() -> None:
-    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 0.2 + 0.05
-    augment = AugmentConfig(flip=False, rot90=False, noise_std=0.0, colour_jitter=0.0, shading=0.4)
-    views = make_views(images, augment, torch.Generator().manual_seed(1))
-    for view in (views.view1, views.view2):
-        assert 0.0 <= view.min() and view.max() <= 1.0
-        field = view / images  # no clipping at these values: the view is the image times the field
-        assert torch.allclose(field[:, 0], field[:, 1]) and torch.allclose(field[:, 1], field[:, 2])
-        assert field.std() > 0.05  # it shades...
-        steps = (field[..., 1:] / field[..., :-1] - 1).abs()
-        assert steps.max() < 0.05  # ...smoothly, with no edges a model could mistake for ground
-    assert not torch.allclose(views.view1, views.view2)
 
 
 def test_same_generator_seed_gives_the_same_views() -> None:

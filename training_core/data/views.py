@@ -1,9 +1,6 @@
 """Two augmented views of a batch, and the warp grid that maps view 2 onto view 1's frame.
 
-Each view gets its own dihedral transform (flip, then ``rot90``), its own colour jitter, shading and
-noise. Shading multiplies a view by a smooth random brightness field, like a cloud shadow or haze: a
-model whose clusters must agree across views cannot key them on shadows, which otherwise split a
-forest into lit and shaded canopy (docs/MODEL_NOTES.md).
+Each view gets its own dihedral transform (flip, then ``rot90``), its own colour jitter and noise.
 A dihedral transform is coded 0..7: ``rot = code % 4`` quarter turns after a horizontal flip when
 ``code >= 4``. The warp grid is built by pushing an identity coordinate image through the same
 index permutations as the pixels, so its values are exact pixel centres: ``warp(view2, grid)``
@@ -136,28 +133,15 @@ def _jitter_colour(x: torch.Tensor, strength: float, generator: torch.Generator)
     return grey + (x - grey) * saturation
 
 
-SHADING_GRID = 4  # the shading field is smooth: bilinear over a 4x4 grid of random log-factors
-
-
-def _shade(x: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
-    """Multiply each sample by a smooth random brightness field ``exp(strength * N(0, 1))``."""
-    log_field = torch.randn(x.shape[0], 1, SHADING_GRID, SHADING_GRID, generator=generator, device=x.device)
-    field = F.interpolate(strength * log_field, size=x.shape[-2:], mode="bilinear", align_corners=False).exp()
-    return x * field
-
-
 def _augment(
     images: torch.Tensor, codes: list[int], augment: AugmentConfig, generator: torch.Generator
 ) -> torch.Tensor:
     view = _transform(images, codes)
     if augment.colour_jitter > 0:
         view = _jitter_colour(view, augment.colour_jitter, generator)
-    if augment.shading > 0:
-        view = _shade(view, augment.shading, generator)
     if augment.noise_std > 0:
         view = view + augment.noise_std * gaussian_noise(view.shape, generator)
-    changed = augment.colour_jitter > 0 or augment.shading > 0 or augment.noise_std > 0
-    return view.clamp(0.0, 1.0) if changed else view
+    return view.clamp(0.0, 1.0) if augment.colour_jitter > 0 or augment.noise_std > 0 else view
 
 
 def make_views(
