@@ -2,7 +2,7 @@
 
 Trains on the unlabeled ``train`` tiles of every bundled sample dataset (never the labeled ones) for
 the config's ``steps`` (the shipped defaults unless ``--config``), stopping early if the wall budget
-runs out (15 minutes by default; the defaults need about 3 on 2 idle cores), and exports the runtime
+runs out (15 minutes by default; the defaults need about 2 on 2 idle cores), and exports the runtime
 artifact. Then for every labeled dataset it scores, side by side on the same val pixels (mapping
 fitted on ``metrics_train``): the model through the numpy runtime, k-means on RGB, and the constant
 predictor (every pixel one cluster, i.e. the most frequent class). Each method fits one set of cluster
