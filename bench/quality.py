@@ -41,6 +41,7 @@ from training_core.eval import (
     baseline_fit_fn,
     dataset_label_space,
     evaluate_tiles,
+    sample_fit_rows,
     split_tiles,
 )
 from training_core.headers import discover_datasets
@@ -53,16 +54,15 @@ MAJORITY_K = 8
 CHUNK_STEPS = 25  # training runs in resumable chunks so the wall budget is checked between them
 
 
-def runtime_fit_fn(model: RuntimeModel, seed: int, max_cells: int = 65_536) -> FitFn:
-    """The numpy runtime with one set of prototypes for the dataset (its seeded soft k-means on pooled cells)."""
+def runtime_fit_fn(model: RuntimeModel, seed: int) -> FitFn:
+    """The numpy runtime with one set of prototypes for the dataset (its seeded soft k-means on the same
+    sample of pooled cells as ``training_core.eval.model_fit_fn``)."""
 
     def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
         embeddings = [model.embed(rgb) for rgb in tiles]
         cells = np.concatenate([e.embeddings for e in embeddings])
         seeds = np.concatenate([e.seed_logits[:, :k] for e in embeddings])
-        picks = np.arange(len(cells))
-        if len(cells) > max_cells:
-            picks = np.sort(np.random.default_rng(seed).choice(len(cells), max_cells, replace=False))
+        picks = sample_fit_rows(len(cells), seed)
         _, prototypes = soft_kmeans(cells[picks], seeds[picks], model.cluster_iters, model.temperature)
 
         def predict(rgb: np.ndarray) -> np.ndarray:

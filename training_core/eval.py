@@ -151,7 +151,7 @@ def model_fit_fn(model: SegmentationModel, seed: int = 0) -> FitFn:
                 embeddings.append(emb[0].flatten(1).T)
                 seed_logits.append(seeds[0, :k].flatten(1).T)
         cells = torch.cat(embeddings)
-        picks = _sample_rows(cells.shape[0], seed)
+        picks = sample_fit_rows(cells.shape[0], seed)
         _, prototypes = soft_kmeans(
             cells[picks].T[None].contiguous(),
             torch.cat(seed_logits)[picks].T[None].contiguous(),
@@ -183,7 +183,7 @@ def _as_batch(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb)).float()[None] / 255.0
 
 
-def _sample_rows(n: int, seed: int) -> np.ndarray:
+def sample_fit_rows(n: int, seed: int) -> np.ndarray:
     """A seeded, sorted sample of at most MAX_FIT_CELLS row indices out of ``n``."""
     if n <= MAX_FIT_CELLS:
         return np.arange(n)
