@@ -7,7 +7,11 @@ on the patch size nor on the K drawn for the step. Targets never reach this modu
 - pixel entropy (minimised): each pixel should commit to one cluster;
 - marginal entropy (maximised, so it enters negated): the batch should use all K clusters; the
   cluster masses are summed over every DDP rank before the entropy is taken;
-- edge-aware smoothness: neighbouring pixels agree unless the input colour changes between them.
+- edge-aware smoothness: neighbouring pixels agree unless the input colour changes between them;
+- cross-view mutual information (maximised, so it enters negated; IIC): the seed head's clustering of
+  a cell should be predictable from the other view's, over the whole batch. Unlike the per-image soft
+  k-means terms it ties cluster ids across images, and uniform assignments are its minimum (0), which
+  training moves away from, not a resting point it is drawn into (docs/MODEL_NOTES.md, sweep 3).
 
 Pixels outside the data (padding of small rasters, nodata) carry weight 0 in every term.
 """
@@ -38,6 +42,29 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor, weight: torch.Tensor | None =
     """Per-pixel mean of ``(KL(p||q) + KL(q||p)) / 2`` for probabilities [B, K, h, w] over dim 1."""
     log_ratio = torch.log(p.clamp_min(EPS)) - torch.log(q.clamp_min(EPS))
     return _mean(0.5 * ((p - q) * log_ratio).sum(dim=1), weight)
+
+
+def cross_view_mutual_information(
+    z1: torch.Tensor, z2: torch.Tensor, all_reduce: AllReduce | None = None, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mutual information (units of log K) between the cluster of a cell in view 1 and in view 2 (IIC).
+
+    ``z1``/``z2`` [B, K, h, w]: probabilities of the same ground (view 2 already warped into view 1's
+    frame). The joint distribution is pooled over every cell of the global batch (summed over DDP ranks
+    by ``all_reduce``) and symmetrised, so the term rewards a clustering that agrees across the views,
+    is confident, and uses every cluster over the whole batch, not per image. ``weight`` [B, 1, h, w]
+    scales each cell's count.
+    """
+    if weight is not None:
+        z1 = z1 * weight
+    joint = torch.einsum("bihw,bjhw->ij", z1, z2)
+    if all_reduce is not None:
+        joint = all_reduce(joint)
+    joint = 0.5 * (joint + joint.T)
+    joint = (joint / joint.sum().clamp_min(EPS)).clamp_min(EPS)
+    marginal = joint.sum(dim=1)
+    mi = (joint * (torch.log(joint) - torch.log(marginal[:, None]) - torch.log(marginal[None, :]))).sum()
+    return mi / math.log(z1.shape[1])
 
 
 def pixel_entropy(p: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,12 +113,16 @@ def two_view_losses(
     views: TwoViews,
     weights: LossConfig,
     all_reduce: AllReduce | None = None,
+    seeds1: torch.Tensor | None = None,
+    seeds2: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """All loss parts and their weighted ``total`` for one batch of two views.
 
     ``probs1``/``probs2``: stride-4 probabilities [B, K, h, w] of ``views.view1`` / ``views.view2``.
     View 2 is warped into view 1's frame by the grid at (h, w). The edge weights come from the clean
     input pooled to (h, w); pixels are weighted by their valid fraction (padding and nodata count 0).
+    ``seeds1``/``seeds2``: the seed head's logits [B, K, h, w] of the same views, for the cross-view
+    mutual information (None, or weight 0: that part is 0 and not computed).
     """
     probs1, probs2 = probs1.float(), probs2.float()
     size = probs1.shape[-1]
@@ -100,6 +131,11 @@ def two_view_losses(
     both = torch.cat([probs1, probs2])
     valid_both = None if valid1 is None else torch.cat([valid1, valid2])
     consistency_weight = None if valid1 is None else valid1 * warp(valid2, grid)
+    if seeds1 is None or weights.cross_view_mi == 0:
+        mutual_information = probs1.new_zeros(())
+    else:
+        z1, z2 = torch.softmax(seeds1.float(), dim=1), torch.softmax(seeds2.float(), dim=1)
+        mutual_information = cross_view_mutual_information(z1, warp(z2, grid), all_reduce, consistency_weight)
     parts = {
         "consistency": symmetric_kl(probs1, warp(probs2, grid), consistency_weight),
         "pixel_entropy": pixel_entropy(both, valid_both),
@@ -109,9 +145,11 @@ def two_view_losses(
             edge_aware_smoothness(probs1, image1.float(), weights.edge_sharpness, valid1)
             + edge_aware_smoothness(probs2, image2.float(), weights.edge_sharpness, valid2)
         ),
+        "cross_view_mi": mutual_information,
     }
     parts["total"] = (
         weights.consistency * parts["consistency"]
+        - weights.cross_view_mi * parts["cross_view_mi"]
         + weights.pixel_entropy * parts["pixel_entropy"]
         - weights.marginal_entropy * parts["marginal_entropy"]
         + weights.smoothness * parts["smoothness"]

@@ -35,6 +35,7 @@ class ModelOutput:
     low_res_probs: torch.Tensor  # [B, K, h, w] the same at stride 4, after smoothing
     embeddings: torch.Tensor  # [B, D', h, w] what was clustered (D' = D, or D + 3 with colour)
     prototypes: torch.Tensor  # [B, K, D'] final cluster centres
+    seed_logits: torch.Tensor  # [B, K, h, w] the seed head's first K channels (a global clustering of the cells)
 
 
 class ResidualBlock(nn.Module):
@@ -283,8 +284,8 @@ class SegmentationModel(nn.Module):
         features = self.encoder(x)
         embeddings = self.clustered_embedding(x, features)
         b, d, h, w = embeddings.shape
+        seed_logits = self.seed_proj(features)[:, :k]
         if prototypes is None:
-            seed_logits = self.seed_proj(features)[:, :k]
             assign, prototypes = soft_kmeans(
                 flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
             )
@@ -297,4 +298,6 @@ class SegmentationModel(nn.Module):
         if cfg.smoothing != "none" and smooth > 0:
             low_res = smooth_probs(low_res, smoothing_kernel(self.smooth_logits), smooth)
         probs = F.interpolate(low_res, size=rgb.shape[-2:], mode="bilinear", align_corners=False) if upsample else None
-        return ModelOutput(probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes)
+        return ModelOutput(
+            probs=probs, low_res_probs=low_res, embeddings=embeddings, prototypes=prototypes, seed_logits=seed_logits
+        )

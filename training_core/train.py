@@ -55,7 +55,7 @@ from training_core.losses import AllReduce, two_view_losses
 from training_core.model import SegmentationModel
 
 LOG_NAME = "train_log.jsonl"
-LOSS_PARTS = ("total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness")
+LOSS_PARTS = ("total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness", "cross_view_mi")
 
 
 @dataclass
@@ -120,7 +120,8 @@ def step_losses(
         both = torch.cat([views.view1, views.view2]).contiguous(memory_format=policy.memory_format)
         output = model(both, plan.k, cluster_iters=plan.cluster_iters, upsample=False)
     probs1, probs2 = output.low_res_probs.chunk(2)
-    return two_view_losses(probs1, probs2, views, config.loss, all_reduce)
+    seeds1, seeds2 = output.seed_logits.chunk(2)
+    return two_view_losses(probs1, probs2, views, config.loss, all_reduce, seeds1, seeds2)
 
 
 def endless_batches(loader: DataLoader, skip: int = 0) -> Iterator[dict]:

@@ -17,6 +17,8 @@ def test_defaults_follow_the_design_and_the_quality_sweep() -> None:
     assert (config.lr, config.seed, config.device) == (3e-4, 42, "auto")
     # DESIGN.md's seed defaults were patch 512, batch 2; docs/MODEL_NOTES.md sweep 2 chose these.
     assert (config.data.patch_size, config.batch_size, config.steps) == (256, 4, 400)
+    # Sweep 3 added the seed head's cross-view mutual information; photometric jitter stays off.
+    assert (config.loss.cross_view_mi, config.augment.colour_jitter) == (1.0, 0.0)
 
 
 def test_python_module_with_get_config_or_config(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ import torch
 
 from training_core.config import LossConfig
 from training_core.data.views import TwoViews, dihedral
-from training_core.losses import edge_aware_smoothness, marginal_entropy, pixel_entropy, symmetric_kl, two_view_losses
+from training_core.losses import (
+    cross_view_mutual_information,
+    edge_aware_smoothness,
+    marginal_entropy,
+    pixel_entropy,
+    symmetric_kl,
+    two_view_losses,
+)
 
 
 def _random_probs(b: int, k: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -96,9 +103,51 @@ def test_aligned_views_have_zero_consistency_and_the_total_combines_parts() -> N
         + weights.pixel_entropy * parts["pixel_entropy"]
         - weights.marginal_entropy * parts["marginal_entropy"]
         + weights.smoothness * parts["smoothness"]
+        - weights.cross_view_mi * parts["cross_view_mi"]
     )
     assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     assert all(math.isfinite(v.item()) for v in parts.values())
+
+
+def test_cross_view_mutual_information_is_one_for_agreeing_balanced_clusters_and_zero_for_independent() -> None:
+    k = 4
+    cells = torch.arange(64).view(1, 8, 8)
+    one_hot = torch.nn.functional.one_hot(cells % k, k).permute(0, 3, 1, 2).float()
+    assert cross_view_mutual_information(one_hot, one_hot).item() == pytest.approx(1.0, rel=1e-4)
+    # View 2's cluster says nothing about view 1's: each view-1 cluster meets every view-2 cluster equally.
+    independent = torch.nn.functional.one_hot(cells // k % k, k).permute(0, 3, 1, 2).float()
+    assert cross_view_mutual_information(one_hot, independent).item() == pytest.approx(0.0, abs=1e-4)
+    uniform = torch.full_like(one_hot, 1.0 / k)
+    assert cross_view_mutual_information(uniform, uniform).item() == pytest.approx(0.0, abs=1e-6)
+    # Agreeing but collapsed into one cluster: no information either.
+    collapsed = torch.zeros_like(one_hot)
+    collapsed[:, 0] = 1
+    assert cross_view_mutual_information(collapsed, collapsed).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_cross_view_mutual_information_pools_the_joint_over_ranks() -> None:
+    z1 = _random_probs(4, 3, 6, 0)
+    z2 = 0.7 * z1 + 0.3 * _random_probs(4, 3, 6, 1)  # views that mostly agree
+
+    def add_other_rank(joint: torch.Tensor) -> torch.Tensor:
+        return joint + torch.einsum("bihw,bjhw->ij", z1[2:], z2[2:])
+
+    reduced = cross_view_mutual_information(z1[:2], z2[:2], all_reduce=add_other_rank)
+    assert reduced.item() == pytest.approx(cross_view_mutual_information(z1, z2).item(), rel=1e-5)
+
+
+def test_cross_view_mutual_information_enters_the_total_when_weighted() -> None:
+    """Seed logits that agree across the views raise the information; the total falls by weight x MI."""
+    probs = _random_probs(8, 4, 8)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    probs1, probs2, views = _aligned_views(probs, images, None)
+    seeds1, seeds2 = 10 * probs1, 10 * probs2  # logits of the same (aligned) clustering
+    off = two_view_losses(probs1, probs2, views, LossConfig(cross_view_mi=0.0), None, seeds1, seeds2)
+    weights = LossConfig(cross_view_mi=2.0)
+    on = two_view_losses(probs1, probs2, views, weights, None, seeds1, seeds2)
+    assert off["cross_view_mi"].item() == 0.0  # weight 0: not computed
+    assert on["cross_view_mi"].item() > 0.1
+    assert on["total"].item() == pytest.approx(off["total"].item() - 2.0 * on["cross_view_mi"].item(), rel=1e-5)
 
 
 def test_invalid_pixels_do_not_count() -> None:
