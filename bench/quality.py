@@ -12,6 +12,11 @@ raster. One JSON line per dataset.
     python bench/quality.py --seed 1 --seed 2 --seed 3      # shipped defaults, 15 min budget per seed
     python bench/quality.py --budget-s 300 --steps 5000       # as many steps as 5 minutes allow
     python bench/quality.py --device cuda --config my_variant.py
+
+A CPU run repeats exactly for the same seed *and* the same torch thread count (``--threads``, recorded in
+every line): another thread count sums in another order, and training is chaotic enough that those
+last-bit differences grow into a different model (docs/MODEL_NOTES.md). So a seed is a draw, not a
+setting: compare configurations by their spread over seeds, never one seed against another.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from runtime_export.export import export_artifact
 from runtime_export.runtime import RuntimeModel, load_runtime_model, soft_kmeans
@@ -148,7 +154,15 @@ def run(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
         if record is not None:
             config_name = args.config.stem if args.config else "defaults"
             records.append(
-                {"bench": "quality", "config": config_name, "seed": seed, "budget_s": args.budget_s, **budget, **record}
+                {
+                    "bench": "quality",
+                    "config": config_name,
+                    "seed": seed,
+                    "threads": torch.get_num_threads(),
+                    "budget_s": args.budget_s,
+                    **budget,
+                    **record,
+                }
             )
     return records
 
@@ -161,7 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, action="append", help="repeatable; default 42")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", type=Path, default=None, help="training config (python module or YAML)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     seeds = args.seed or [42]
     by_dataset: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
