@@ -25,7 +25,12 @@ class ModelConfig(StrictModel):
     eval_cluster_iters: int = Field(4, ge=0, description="soft k-means rounds at inference")
     smoothing: Literal["fast", "learned", "none"] = "fast"
     smooth_iters: int = Field(2, ge=0)
-    colour_weight: float = Field(0.0, ge=0, description="weight of the stride-4 input colour in the embedding")
+    # Colour at inference only since quality sweep 4 (docs/MODEL_NOTES.md): over 8 paired draws it
+    # raised new_brunswick and quebec and left no cluster under 1% of the val pixels; kampala lost 0.014.
+    colour_weight: float = Field(1.0, ge=0, description="weight of the stride-4 input colour in the embedding")
+    colour_in_training: bool = Field(
+        False, description="the training losses cluster the colour too (off: only inference appends it)"
+    )
     input_mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
     input_std: list[float] = Field(default_factory=lambda: [0.25, 0.25, 0.25], min_length=3, max_length=3)
 

@@ -5,7 +5,8 @@ The forward pass is the contract the numpy runtime (``runtime_export.runtime``) 
 1. normalise RGB in [0, 1] with the model's mean/std;
 2. encode at stride 4 (two stride-2 conv+BN+ReLU, two residual blocks) and L2-normalise;
 3. optionally append the input colour, average-pooled to stride 4 and scaled by
-   ``colour_weight`` (the cue k-means on RGB uses; see docs/MODEL_NOTES.md);
+   ``colour_weight`` (the cue k-means on RGB uses; see docs/MODEL_NOTES.md); in training mode only
+   when ``colour_in_training``, so by default the losses cluster the encoder features alone;
 4. seed K prototypes from a 1x1 projection (softmax over its first K channels);
 5. soft k-means: ``iters`` rounds of assignment ``softmax(-||e - p||^2 / temperature)`` and
    prototype update (weighted means);
@@ -244,9 +245,10 @@ class SegmentationModel(nn.Module):
         self.smooth_logits = nn.Parameter(torch.zeros(3, 3), requires_grad=config.smoothing == "learned")
 
     def clustered_embedding(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters."""
+        """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters (colour appended
+        in eval mode, and in training mode only with ``colour_in_training``)."""
         embeddings = _L2Normalize.apply(features)
-        if self.config.colour_weight > 0:
+        if self.config.colour_weight > 0 and (self.config.colour_in_training or not self.training):
             colour = F.avg_pool2d(x, STRIDE, ceil_mode=True)
             embeddings = torch.cat([embeddings, self.config.colour_weight * colour], dim=1)
         return embeddings

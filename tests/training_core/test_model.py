@@ -59,15 +59,26 @@ def test_output_shapes(k: int) -> None:
     out = model(torch.rand(2, 3, 32, 24), k)
     assert out.probs.shape == (2, k, 32, 24)
     assert out.low_res_probs.shape == (2, k, 8, 6)
-    assert out.embeddings.shape == (2, 8, 8, 6)
-    assert out.prototypes.shape == (2, k, 8)
+    assert out.embeddings.shape == (2, 8 + 3, 8, 6)  # the features, then the colour (on by default)
+    assert out.prototypes.shape == (2, k, 8 + 3)
     torch.testing.assert_close(out.probs.sum(dim=1), torch.ones(2, 32, 24))
 
 
 def test_colour_weight_appends_pooled_colour() -> None:
     model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, colour_weight=0.5)).eval()
-    out = model(torch.rand(1, 3, 16, 16), 3)
+    rgb = torch.rand(1, 3, 16, 16)
+    out = model(rgb, 3)
     assert out.embeddings.shape == (1, 11, 4, 4)
+    normalised = (rgb - model.input_mean) / model.input_std
+    torch.testing.assert_close(out.embeddings[:, 8:], 0.5 * F.avg_pool2d(normalised, 4))
+
+
+@pytest.mark.parametrize(("colour_in_training", "channels"), [(False, 8), (True, 11)])
+def test_training_mode_clusters_colour_only_when_asked(colour_in_training: bool, channels: int) -> None:
+    config = ModelConfig(embed_dim=8, max_k=4, colour_weight=1.0, colour_in_training=colour_in_training)
+    model = SegmentationModel(config).train()
+    assert model(torch.rand(2, 3, 16, 16), 3).embeddings.shape[1] == channels
+    assert model.eval()(torch.rand(2, 3, 16, 16), 3).embeddings.shape[1] == 11  # inference always has it
 
 
 @pytest.mark.parametrize("k", [0, 1, 9])
