@@ -92,6 +92,8 @@ def train_within_budget(config: TrainConfig, checkpoint_dir: Path, budget_s: flo
     done = 0
     while done < config.steps and time.perf_counter() - started < budget_s:
         result = train(config, checkpoint_dir, resume=True, stop_after_steps=min(CHUNK_STEPS, config.steps - done))
+        if result.interrupted:  # SIGTERM: train() saved and returned; without this the next chunk resumes it
+            raise SystemExit(f"stopped by SIGTERM at step {result.steps}")
         done = result.steps
     return {
         "steps": done,
