@@ -14,7 +14,12 @@ from training_core.checkpoint import model_from_checkpoint
 from training_core.model import SegmentationModel
 
 MIN_LABEL_AGREEMENT = 0.999
-MAX_PROB_DIFF = 1e-4
+# The colour channels of the embedding (on by default) widen the soft k-means logits about a
+# hundredfold (squared colour distances up to 48 over temperature 0.1), and float32 rounding in the
+# distances then moves a probability by up to ~1.3e-4 after 4 rounds at K = 16 (1.5e-6 without colour,
+# the same 4-step model, labels 99.999% equal). 1e-3 bounds that with room and still fails any real
+# divergence (a wrong weight or op moves probabilities by far more).
+MAX_PROB_DIFF = 1e-3
 
 
 def model_parity(
