@@ -44,9 +44,9 @@ def test_yaml(tmp_path: Path) -> None:
 def test_quality_variants_load_and_pin_the_mutual_information(path: Path) -> None:
     """The sweep variants in docs/MODEL_NOTES.md still load, and each says which weight it ran with, so a
     rerun measures what the notes report even after a default changes."""
-    config = load_config(path)
-    assert "cross_view_mi" in path.read_text()
-    assert "colour_weight" in path.read_text()  # colour at inference became the default in sweep 4
+    config, text = load_config(path), path.read_text()
+    assert "cross_view_mi" in text
+    assert "colour_weight" in text  # colour at inference became the default in sweep 4
     sweep3 = re.fullmatch(r"sweep3_mi(\d+)(_\w+)?\.yaml", path.name)
     # Sweeps 1 and 2 predate the term; sweep 3 names its weight; sweep 4 ran at the then-default 3.
     weight_of_sweep = {"sweep1": 0.0, "sweep2": 0.0, "sweep4": 3.0}
