@@ -25,9 +25,10 @@ class ModelConfig(StrictModel):
     eval_cluster_iters: int = Field(4, ge=0, description="soft k-means rounds at inference")
     smoothing: Literal["fast", "learned", "none"] = "fast"
     smooth_iters: int = Field(2, ge=0)
-    # Colour at inference only since quality sweep 4 (docs/MODEL_NOTES.md): over 8 paired draws it
-    # raised new_brunswick and quebec and left no cluster under 1% of the val pixels; kampala lost 0.014.
-    colour_weight: float = Field(1.0, ge=0, description="weight of the stride-4 input colour in the embedding")
+    # Colour at inference only since quality sweep 4, at weight 2 since sweep 5 (docs/MODEL_NOTES.md):
+    # on the same 8 checkpoints weight 2 against 1 lifts new_brunswick above k-means on RGB (+0.037 over it
+    # against -0.016) and keeps quebec; kampala's margin over k-means narrows from +0.021 to +0.013.
+    colour_weight: float = Field(2.0, ge=0, description="weight of the stride-4 input colour in the embedding")
     colour_in_training: bool = Field(
         False, description="the training losses cluster the colour too (off: only inference appends it)"
     )

@@ -33,10 +33,13 @@ def test_parity_on_sample_tiles(artifact_dir: Path, model, sample_tiles, k: int)
 
 
 @pytest.mark.parametrize("smoothing", ["fast", "none"])
-def test_parity_other_lanes_without_colour(tmp_path: Path, sample_tiles, smoothing: str) -> None:
+@pytest.mark.parametrize("colour_weight", [0.0, ModelConfig().colour_weight])
+def test_parity_other_lanes(tmp_path: Path, sample_tiles, smoothing: str, colour_weight: float) -> None:
     from runtime_export.export import export_model
 
-    config = TrainConfig(model=ModelConfig(smoothing=smoothing, embed_dim=16, max_k=8, eval_cluster_iters=6))
+    config = TrainConfig(
+        model=ModelConfig(smoothing=smoothing, embed_dim=16, max_k=8, eval_cluster_iters=6, colour_weight=colour_weight)
+    )
     model = calibrated_model(config, sample_tiles, seed=3)
     artifact = export_model(model, config, tmp_path / "a", {}, {})
     report = model_parity(load_runtime_model(artifact), model, sample_tiles[2:], [2, 8])
