@@ -26,8 +26,8 @@ class ModelConfig(StrictModel):
     smoothing: Literal["fast", "learned", "none"] = "fast"
     smooth_iters: int = Field(2, ge=0)
     # Colour at inference only since quality sweep 4, at weight 2 since sweep 5 (docs/MODEL_NOTES.md):
-    # on the same 8 checkpoints weight 2 against 1 lifts new_brunswick above k-means on RGB (+0.037 over it
-    # against -0.016) and keeps quebec; kampala's margin over k-means narrows from +0.021 to +0.013.
+    # on the same 16 checkpoints weight 2 against 1 lifts new_brunswick above k-means on RGB (+0.022 over it
+    # against -0.015) and quebec (+0.019 against +0.006); kampala's margin narrows from +0.020 to +0.013.
     colour_weight: float = Field(2.0, ge=0, description="weight of the stride-4 input colour in the embedding")
     colour_in_training: bool = Field(
         False, description="the training losses cluster the colour too (off: only inference appends it)"
