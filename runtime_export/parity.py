@@ -17,7 +17,7 @@ MIN_LABEL_AGREEMENT = 0.999
 # The colour channels of the embedding (on by default, weight 2) widen the soft k-means logits by
 # two to three orders of magnitude (squared colour distances up to 4 * 48 over temperature 0.1), and
 # float32 rounding in the distances then moves a probability by up to ~5.5e-4 after 4 rounds at K = 16
-# (untrained models on the sample tiles, labels >= 99.998% equal; 1.5e-6 without colour, ~1e-5 on the
+# (untrained models on the sample tiles, labels >= 99.998% equal; 1.5e-6 without colour, 2.4e-5 on the
 # trained sample model). 1e-3 bounds that and still fails any real divergence (a wrong weight or op moves
 # probabilities by far more). Weight 3 would exceed it (4e-3): one reason the default stops at 2.
 MAX_PROB_DIFF = 1e-3
