@@ -87,7 +87,8 @@ def runtime_meta(config: TrainConfig, lineage: dict[str, Any], metrics: dict[str
         "cluster_iters": model.eval_cluster_iters,
         "smooth_iters": model.smooth_iters,
         "smoothing": model.smoothing,
-        "colour_weight": model.colour_weight,
+        "luminance_weight": model.luminance_weight,
+        "chroma_weight": model.chroma_weight,
         "input_mean": list(model.input_mean),
         "input_std": list(model.input_std),
         "input_scale": 1.0 / 255.0,  # pixel values times this are the model's [0, 1] input

@@ -14,13 +14,14 @@ from training_core.checkpoint import model_from_checkpoint
 from training_core.model import SegmentationModel
 
 MIN_LABEL_AGREEMENT = 0.999
-# The colour channels of the embedding (on by default, weight 2) widen the soft k-means logits by
-# two to three orders of magnitude (squared colour distances up to 4 * 48 over temperature 0.1), and
-# float32 rounding in the distances then moves a probability by up to ~5.5e-4 after 4 rounds at K = 16
-# (untrained models on the sample tiles, labels >= 99.998% equal; 1.5e-6 without colour, 2.4e-5 on the
-# trained sample model). 1e-3 bounds that and still fails any real divergence (a wrong weight or op moves
-# probabilities by far more). Weight 3 would exceed it (4e-3): one reason the default stops at 2.
-MAX_PROB_DIFF = 1e-3
+# The colour channels of the embedding (on by default: luminance weight 2, chroma weight 5) widen the
+# soft k-means logits by two to three orders of magnitude, and iterated soft k-means at temperature 0.1
+# then amplifies float32 rounding: the runtime against itself in float64 differs by up to 1.3e-3 in a
+# probability on untrained models, and torch against numpy by up to 1.4e-2 after 4 rounds at K = 16 (six
+# untrained models on sample tiles, labels >= 99.996% equal; 2.4e-5 on sweep 5's trained sample model).
+# So the probability bound is set by float32's own fidelity, 2e-2, and the label bound (99.9%) is what
+# catches a real divergence: a wrong weight or op moves labels by percent, not parts per million.
+MAX_PROB_DIFF = 2e-2
 
 
 def model_parity(

@@ -6,7 +6,8 @@ model op for op, in float32, in the same order (``training_core/model.py`` is th
 1. ``x = (rgb / 255 - mean) / std`` (``meta.json``'s ``input_scale`` is the 1/255);
 2. stride-4 encoder (batch norm already folded into the conv weights by the export), computed
    channels-last: each 3x3 conv is one im2col copy plus one BLAS matmul;
-3. ``F.normalize`` of the features, optionally followed by ``colour_weight * avg_pool(x, 4, ceil)``;
+3. ``F.normalize`` of the features, optionally followed by ``avg_pool(x, 4, ceil)`` in the opponent
+   basis (luminance, red-green, yellow-blue), scaled by ``luminance_weight`` and ``chroma_weight``;
 4. seed logits = the first K channels of the 1x1 seed projection;
 5. soft k-means with expanded squared distances (``|e|^2 - 2 p.e + |p|^2``);
 6. smoothing with the exported 3x3 kernel, edge-replicated;
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-RUNTIME_VERSION = "segpipe-numpy-runtime/1"
+RUNTIME_VERSION = "segpipe-numpy-runtime/2"  # 2: the colour in the opponent basis
 MODEL_FILENAME = "model.npz"
 META_FILENAME = "meta.json"
 METRICS_FILENAME = "metrics.json"
@@ -37,6 +38,10 @@ NORM_EPS = 1e-12  # F.normalize's eps
 MASS_EPS = 1e-6  # soft k-means clamp on cluster mass
 CONV_CHUNK_PIXELS = 8192  # output pixels per im2col band
 LABEL_BAND_ROWS = 128  # output rows per band when only labels are needed
+# training_core.model.OPPONENT_BASIS: orthonormal rows luminance, red-green, yellow-blue.
+OPPONENT_BASIS = np.array(
+    [[3**-0.5, 3**-0.5, 3**-0.5], [2**-0.5, -(2**-0.5), 0.0], [6**-0.5, 6**-0.5, -2 * 6**-0.5]], dtype=np.float64
+)
 
 META_KEYS = (
     "runtime_version",
@@ -46,7 +51,8 @@ META_KEYS = (
     "cluster_iters",
     "smooth_iters",
     "smoothing",
-    "colour_weight",
+    "luminance_weight",
+    "chroma_weight",
     "input_mean",
     "input_std",
     "input_scale",
@@ -121,7 +127,7 @@ class RuntimeModel:
         self.temperature = np.float32(meta["temperature"])
         self.cluster_iters = int(meta["cluster_iters"])
         self.smooth_iters = int(meta["smooth_iters"]) if meta["smoothing"] != "none" else 0
-        self.colour_weight = np.float32(meta["colour_weight"])
+        self.colour_projection = _colour_projection(meta["luminance_weight"], meta["chroma_weight"])
         # Divide by 1 / scale (exactly 255 for 1/255), as torch's ``rgb / 255`` does, for bitwise-equal inputs.
         self.input_divisor = np.float32(1.0 / meta["input_scale"])
         self.mean = arrays["input_mean"].reshape(3, 1, 1)
@@ -150,9 +156,9 @@ class RuntimeModel:
         seed_logits += self.seed_bias
         norm = np.sqrt(np.einsum("nd,nd->n", flat, flat))
         embeddings = flat / np.maximum(norm, np.float32(NORM_EPS))[:, None]
-        if self.colour_weight > 0:
+        if self.colour_projection is not None:
             colour = _avg_pool_ceil(hwc, STRIDE).reshape(h * w, 3)
-            embeddings = np.concatenate([embeddings, self.colour_weight * colour], axis=1)
+            embeddings = np.concatenate([embeddings, colour @ self.colour_projection.T], axis=1)
         return Embedding(embeddings=embeddings, seed_logits=seed_logits, grid=(h, w), size=(height, width))
 
     def _conv(self, name: str, x: np.ndarray, stride: int) -> np.ndarray:
@@ -260,8 +266,9 @@ def read_meta(path: Path) -> dict[str, Any]:
     for key in ("temperature", "input_scale"):
         if not isinstance(meta[key], int | float) or meta[key] <= 0:
             raise ArtifactError(f"{path}: {key} must be a positive number, got {meta[key]!r}")
-    if not isinstance(meta["colour_weight"], int | float) or meta["colour_weight"] < 0:
-        raise ArtifactError(f"{path}: colour_weight must be a non-negative number, got {meta['colour_weight']!r}")
+    for key in ("luminance_weight", "chroma_weight"):
+        if not isinstance(meta[key], int | float) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise ArtifactError(f"{path}: {key} must be a non-negative number, got {meta[key]!r}")
     return meta
 
 
@@ -334,6 +341,14 @@ def _im2col_weight(weight: np.ndarray) -> np.ndarray:
 
 def _relu(x: np.ndarray) -> np.ndarray:
     return np.maximum(x, np.float32(0), out=x)
+
+
+def _colour_projection(luminance_weight: float, chroma_weight: float) -> np.ndarray | None:
+    """[3, 3] float32: normalised RGB -> the weighted opponent colour (None: both weights 0)."""
+    if luminance_weight == 0 and chroma_weight == 0:
+        return None
+    weights = np.array([luminance_weight, chroma_weight, chroma_weight], dtype=np.float64)
+    return (weights[:, None] * OPPONENT_BASIS).astype(np.float32)
 
 
 def _avg_pool_ceil(hwc: np.ndarray, size: int) -> np.ndarray:

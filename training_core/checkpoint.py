@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from training_core.config import TrainConfig
@@ -141,7 +142,10 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, TrainConfig]:
     """Rebuild the trained model (eval mode, CPU) and the config that trained it."""
     checkpoint = load_checkpoint(path)
-    config = TrainConfig.model_validate(checkpoint["config"])
+    try:
+        config = TrainConfig.model_validate(checkpoint["config"])
+    except ValidationError as error:  # e.g. a checkpoint from before a config field was renamed
+        raise ValueError(f"checkpoint {path}: its training config does not load with this code: {error}") from error
     model = SegmentationModel(config.model)
     model.load_state_dict(checkpoint["model"])
     return model.eval(), config

@@ -25,10 +25,12 @@ class ModelConfig(StrictModel):
     eval_cluster_iters: int = Field(4, ge=0, description="soft k-means rounds at inference")
     smoothing: Literal["fast", "learned", "none"] = "fast"
     smooth_iters: int = Field(2, ge=0)
-    # Colour at inference only since quality sweep 4, at weight 2 since sweep 5 (docs/MODEL_NOTES.md):
-    # on the same 16 checkpoints weight 2 against 1 lifts new_brunswick above k-means on RGB (+0.022 over it
-    # against -0.015) and quebec (+0.019 against +0.006); kampala's margin narrows from +0.020 to +0.013.
-    colour_weight: float = Field(2.0, ge=0, description="weight of the stride-4 input colour in the embedding")
+    # Colour at inference only since quality sweep 4; in the opponent basis since sweep 6, the chroma
+    # weighted above the luminance (docs/MODEL_NOTES.md): on the same 16 checkpoints luminance 2 / chroma 5
+    # beat RGB at weight 2 (luminance and chroma 2) on every dataset: kampala +0.025 over k-means on RGB
+    # (+0.013), new_brunswick +0.035 (+0.022), quebec +0.033 over the constant predictor (+0.019).
+    luminance_weight: float = Field(2.0, ge=0, description="weight of the stride-4 input luminance in the embedding")
+    chroma_weight: float = Field(5.0, ge=0, description="weight of the stride-4 input chroma (two opponent channels)")
     colour_in_training: bool = Field(
         False, description="the training losses cluster the colour too (off: only inference appends it)"
     )

@@ -4,9 +4,11 @@ The forward pass is the contract the numpy runtime (``runtime_export.runtime``) 
 
 1. normalise RGB in [0, 1] with the model's mean/std;
 2. encode at stride 4 (two stride-2 conv+BN+ReLU, two residual blocks) and L2-normalise;
-3. optionally append the input colour, average-pooled to stride 4 and scaled by
-   ``colour_weight`` (the cue k-means on RGB uses; see docs/MODEL_NOTES.md); in training mode only
-   when ``colour_in_training``, so by default the losses cluster the encoder features alone;
+3. optionally append the input colour, average-pooled to stride 4, in the opponent basis
+   (``OPPONENT_BASIS``: luminance, red-green, yellow-blue) with the luminance scaled by
+   ``luminance_weight`` and both chroma channels by ``chroma_weight`` (the cue k-means on RGB uses,
+   less of the shading; see docs/MODEL_NOTES.md); in training mode only when ``colour_in_training``,
+   so by default the losses cluster the encoder features alone;
 4. seed K prototypes from a 1x1 projection (softmax over its first K channels);
 5. soft k-means: ``iters`` rounds of assignment ``softmax(-||e - p||^2 / temperature)`` and
    prototype update (weighted means);
@@ -26,6 +28,13 @@ from training_core.config import STRIDE, ModelConfig
 
 NORM_EPS = 1e-12  # F.normalize's default eps
 MIN_MASS = 1e-6  # floor of a cluster's total assignment in the prototype means
+# Orthonormal rows: luminance, red-green, yellow-blue. A rotation of RGB, so equal weights on the three
+# channels give the same distances as RGB at that weight; the runtime holds the same matrix.
+OPPONENT_BASIS = (
+    (3**-0.5, 3**-0.5, 3**-0.5),
+    (2**-0.5, -(2**-0.5), 0.0),
+    (6**-0.5, 6**-0.5, -2 * 6**-0.5),
+)
 
 
 @dataclass
@@ -233,6 +242,14 @@ class _SoftKMeans(torch.autograd.Function):
         return grad_embeddings, grad_seed, None, None
 
 
+def colour_projection(luminance_weight: float, chroma_weight: float) -> torch.Tensor | None:
+    """[3, 3]: normalised RGB -> the weighted opponent colour the embedding appends (None: both weights 0)."""
+    if luminance_weight == 0 and chroma_weight == 0:
+        return None
+    weights = torch.tensor([luminance_weight, chroma_weight, chroma_weight], dtype=torch.float64)
+    return (weights[:, None] * torch.tensor(OPPONENT_BASIS, dtype=torch.float64)).float()
+
+
 class SegmentationModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -243,14 +260,17 @@ class SegmentationModel(nn.Module):
         self.seed_proj = nn.Conv2d(config.embed_dim, config.max_k, 1)
         # Learned smoothing starts as the box filter the fast lane uses (all logits equal).
         self.smooth_logits = nn.Parameter(torch.zeros(3, 3), requires_grad=config.smoothing == "learned")
+        # Not a buffer: derived from the config, so checkpoints and the artifact's arrays stay as they are.
+        self.colour_projection = colour_projection(config.luminance_weight, config.chroma_weight)
 
     def clustered_embedding(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters (colour appended
         in eval mode, and in training mode only with ``colour_in_training``)."""
         embeddings = _L2Normalize.apply(features)
-        if self.config.colour_weight > 0 and (self.config.colour_in_training or not self.training):
+        if self.colour_projection is not None and (self.config.colour_in_training or not self.training):
             colour = F.avg_pool2d(x, STRIDE, ceil_mode=True)
-            embeddings = torch.cat([embeddings, self.config.colour_weight * colour], dim=1)
+            projection = self.colour_projection.to(device=colour.device, dtype=colour.dtype)
+            embeddings = torch.cat([embeddings, torch.einsum("ij,bjhw->bihw", projection, colour)], dim=1)
         return embeddings
 
     def encode(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

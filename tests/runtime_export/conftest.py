@@ -50,7 +50,7 @@ def sample_tiles() -> list[np.ndarray]:
 
 @pytest.fixture(scope="session")
 def learned_config() -> TrainConfig:
-    return TrainConfig(model=ModelConfig(smoothing="learned", colour_weight=0.5))
+    return TrainConfig(model=ModelConfig(smoothing="learned", luminance_weight=0.5, chroma_weight=1.0))
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,8 @@ def test_artifact_contents(artifact_dir: Path, learned_config) -> None:
     assert (meta["max_k"], meta["embed_dim"], meta["temperature"]) == (model.max_k, model.embed_dim, model.temperature)
     assert (meta["cluster_iters"], meta["smooth_iters"]) == (model.eval_cluster_iters, model.smooth_iters)
     assert meta["smoothing"] == "learned" and meta["supports_learned_refine"] is True
-    assert meta["colour_weight"] == 0.5 and meta["stride"] == 4 and meta["input_scale"] == 1 / 255
+    assert (meta["luminance_weight"], meta["chroma_weight"]) == (0.5, 1.0)
+    assert meta["stride"] == 4 and meta["input_scale"] == 1 / 255
     assert meta["input_mean"] == model.input_mean and meta["input_std"] == model.input_std
     lineage = meta["lineage"]
     assert lineage["dataset_ids"] == ["quebec_buildings"] and lineage["data_versions"] == {"quebec_buildings": "abc"}

@@ -33,12 +33,23 @@ def test_parity_on_sample_tiles(artifact_dir: Path, model, sample_tiles, k: int)
 
 
 @pytest.mark.parametrize("smoothing", ["fast", "none"])
-@pytest.mark.parametrize("colour_weight", [0.0, ModelConfig().colour_weight])
-def test_parity_other_lanes(tmp_path: Path, sample_tiles, smoothing: str, colour_weight: float) -> None:
+@pytest.mark.parametrize(
+    ("luminance_weight", "chroma_weight"), [(0.0, 0.0), (ModelConfig().luminance_weight, ModelConfig().chroma_weight)]
+)
+def test_parity_other_lanes(
+    tmp_path: Path, sample_tiles, smoothing: str, luminance_weight: float, chroma_weight: float
+) -> None:
     from runtime_export.export import export_model
 
     config = TrainConfig(
-        model=ModelConfig(smoothing=smoothing, embed_dim=16, max_k=8, eval_cluster_iters=6, colour_weight=colour_weight)
+        model=ModelConfig(
+            smoothing=smoothing,
+            embed_dim=16,
+            max_k=8,
+            eval_cluster_iters=6,
+            luminance_weight=luminance_weight,
+            chroma_weight=chroma_weight,
+        )
     )
     model = calibrated_model(config, sample_tiles, seed=3)
     artifact = export_model(model, config, tmp_path / "a", {}, {})
@@ -101,6 +112,16 @@ def test_version_mismatch(artifact_dir: Path, tmp_path: Path) -> None:
     artifact = _copy(artifact_dir, tmp_path)
     _rewrite_meta(artifact, runtime_version="segpipe-numpy-runtime/0")
     with pytest.raises(ArtifactError, match=f"meta.json.*runtime_version.*{RUNTIME_VERSION}"):
+        load_runtime_model(artifact)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("chroma_weight", -1.0), ("luminance_weight", "2"), ("chroma_weight", True)]
+)
+def test_bad_colour_weight(artifact_dir: Path, tmp_path: Path, key: str, value: object) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_meta(artifact, **{key: value})
+    with pytest.raises(ArtifactError, match=rf"meta.json: {key} must be a non-negative number, got {value!r}"):
         load_runtime_model(artifact)
 
 

@@ -24,7 +24,7 @@ SCENE = SAMPLE_ROOT / "unlabeled_scenes" / "images" / "RGB.byte.tif"
 
 @pytest.fixture(scope="module")
 def small_artifact(tmp_path_factory: pytest.TempPathFactory, sample_tiles) -> Path:
-    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8, colour_weight=0.5))
+    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8, luminance_weight=0.5, chroma_weight=1.0))
     model = calibrated_model(config, sample_tiles, seed=1)
     return export_model(model, config, tmp_path_factory.mktemp("seg") / "model", {}, {})
 

@@ -54,6 +54,16 @@ def test_round_trip_with_safe_loader(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file is left behind"
 
 
+def test_config_this_code_cannot_load_names_the_checkpoint_and_the_key(tmp_path: Path) -> None:
+    path = tmp_path / step_checkpoint_name(7)
+    _save(path, _tiny_config())
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["model"]["colour_weight"] = 2.0  # the field sweep 6 replaced
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=rf"(?s)checkpoint {path}: .*model\.colour_weight.*Extra inputs"):
+        model_from_checkpoint(path)
+
+
 def test_rng_states_restore_exactly(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(3)
     random.seed(1)

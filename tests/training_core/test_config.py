@@ -46,10 +46,10 @@ def test_quality_variants_load_and_pin_the_mutual_information(path: Path) -> Non
     rerun measures what the notes report even after a default changes."""
     config, text = load_config(path), path.read_text()
     assert "cross_view_mi" in text
-    assert "colour_weight" in text  # colour at inference became the default in sweep 4
+    assert "luminance_weight" in text and "chroma_weight" in text  # colour at inference since sweep 4
     sweep3 = re.fullmatch(r"sweep3_mi(\d+)(_\w+)?\.yaml", path.name)
-    # Sweeps 1 and 2 predate the term; sweep 3 names its weight; sweeps 4 and 5 ran at the then-default 3.
-    weight_of_sweep = {"sweep1": 0.0, "sweep2": 0.0, "sweep4": 3.0, "sweep5": 3.0}
+    # Sweeps 1 and 2 predate the term; sweep 3 names its weight; sweeps 4 to 6 ran at the then-default 3.
+    weight_of_sweep = {"sweep1": 0.0, "sweep2": 0.0, "sweep4": 3.0, "sweep5": 3.0, "sweep6": 3.0}
     expected = float(sweep3.group(1)) if sweep3 else weight_of_sweep[path.name.split("_")[0]]
     assert config.loss.cross_view_mi == expected
 

@@ -64,18 +64,33 @@ def test_output_shapes(k: int) -> None:
     torch.testing.assert_close(out.probs.sum(dim=1), torch.ones(2, 32, 24))
 
 
-def test_colour_weight_appends_pooled_colour() -> None:
-    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, colour_weight=0.5)).eval()
+def test_colour_is_appended_in_the_weighted_opponent_basis() -> None:
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, luminance_weight=0.5, chroma_weight=2.0)).eval()
     rgb = torch.rand(1, 3, 16, 16)
     out = model(rgb, 3)
     assert out.embeddings.shape == (1, 11, 4, 4)
-    normalised = (rgb - model.input_mean) / model.input_std
-    torch.testing.assert_close(out.embeddings[:, 8:], 0.5 * F.avg_pool2d(normalised, 4))
+    r, g, b = F.avg_pool2d((rgb - model.input_mean) / model.input_std, 4)[0]
+    expected = torch.stack([0.5 * (r + g + b) / 3**0.5, 2.0 * (r - g) / 2**0.5, 2.0 * (r + g - 2 * b) / 6**0.5])
+    torch.testing.assert_close(out.embeddings[0, 8:], expected)
+
+
+def test_equal_colour_weights_give_the_distances_of_weighted_rgb() -> None:
+    # The opponent basis is a rotation of RGB: at equal weights k-means sees RGB scaled by that weight.
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, luminance_weight=2.0, chroma_weight=2.0)).eval()
+    rgb = torch.rand(1, 3, 16, 16)
+    colour = model(rgb, 3).embeddings[0, 8:].flatten(1).T
+    weighted_rgb = 2.0 * F.avg_pool2d((rgb - model.input_mean) / model.input_std, 4)[0].flatten(1).T
+    torch.testing.assert_close(torch.cdist(colour, colour), torch.cdist(weighted_rgb, weighted_rgb), atol=1e-5, rtol=0)
+
+
+def test_zero_colour_weights_append_nothing() -> None:
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, luminance_weight=0.0, chroma_weight=0.0)).eval()
+    assert model(torch.rand(1, 3, 16, 16), 3).embeddings.shape == (1, 8, 4, 4)
 
 
 @pytest.mark.parametrize(("colour_in_training", "channels"), [(False, 8), (True, 11)])
 def test_training_mode_clusters_colour_only_when_asked(colour_in_training: bool, channels: int) -> None:
-    config = ModelConfig(embed_dim=8, max_k=4, colour_weight=1.0, colour_in_training=colour_in_training)
+    config = ModelConfig(embed_dim=8, max_k=4, colour_in_training=colour_in_training)
     model = SegmentationModel(config).train()
     assert model(torch.rand(2, 3, 16, 16), 3).embeddings.shape[1] == channels
     assert model.eval()(torch.rand(2, 3, 16, 16), 3).embeddings.shape[1] == 11  # inference always has it
@@ -166,7 +181,7 @@ def test_channels_last_training_layout_gives_the_same_outputs_and_gradients() ->
 
 def test_fixed_prototypes_give_one_assignment_round_and_the_same_ids_in_every_tile() -> None:
     torch.manual_seed(0)
-    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, colour_weight=1.0)).eval()
+    model = SegmentationModel(ModelConfig(embed_dim=8, max_k=4, luminance_weight=1.0, chroma_weight=1.0)).eval()
     tile = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         embeddings, seed_logits = model.encode(tile)
