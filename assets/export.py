@@ -97,7 +97,7 @@ def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.Mat
 
 @dg.asset_check(asset=runtime_artifact, blocking=True)
 def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """The numpy runtime reproduces the torch model on real sample tiles (labels >= 99.9%, probs <= 1e-3)."""
+    """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``runtime_export.parity``)."""
     artifact = require_materialization(context.instance, runtime_artifact.key)["metadata"]
     datasets = artifact["datasets"]
     tiles = parity_tiles(paths.processed_root, datasets)
