@@ -7,8 +7,8 @@ The forward pass is the contract the numpy runtime (``runtime_export.runtime``) 
 3. optionally append the input colour, average-pooled to stride 4, in the opponent basis
    (``OPPONENT_BASIS``: luminance, red-green, yellow-blue) with the luminance scaled by
    ``luminance_weight`` and both chroma channels by ``chroma_weight`` (the cue k-means on RGB uses,
-   less of the shading; see docs/MODEL_NOTES.md); in training mode only when ``colour_in_training``,
-   so by default the losses cluster the encoder features alone;
+   its chroma weighted above its brightness; see docs/MODEL_NOTES.md); in training mode only when
+   ``colour_in_training``, so by default the losses cluster the encoder features alone;
 4. seed K prototypes from a 1x1 projection (softmax over its first K channels);
 5. soft k-means: ``iters`` rounds of assignment ``softmax(-||e - p||^2 / temperature)`` and
    prototype update (weighted means);
@@ -260,17 +260,15 @@ class SegmentationModel(nn.Module):
         self.seed_proj = nn.Conv2d(config.embed_dim, config.max_k, 1)
         # Learned smoothing starts as the box filter the fast lane uses (all logits equal).
         self.smooth_logits = nn.Parameter(torch.zeros(3, 3), requires_grad=config.smoothing == "learned")
-        # Not a buffer: derived from the config, so checkpoints and the artifact's arrays stay as they are.
-        self.colour_projection = colour_projection(config.luminance_weight, config.chroma_weight)
 
     def clustered_embedding(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters (colour appended
         in eval mode, and in training mode only with ``colour_in_training``)."""
         embeddings = _L2Normalize.apply(features)
-        if self.colour_projection is not None and (self.config.colour_in_training or not self.training):
+        projection = colour_projection(self.config.luminance_weight, self.config.chroma_weight)
+        if projection is not None and (self.config.colour_in_training or not self.training):
             colour = F.avg_pool2d(x, STRIDE, ceil_mode=True)
-            projection = self.colour_projection.to(device=colour.device, dtype=colour.dtype)
-            embeddings = torch.cat([embeddings, torch.einsum("ij,bjhw->bihw", projection, colour)], dim=1)
+            embeddings = torch.cat([embeddings, torch.einsum("ij,bjhw->bihw", projection.to(colour), colour)], dim=1)
         return embeddings
 
     def encode(self, rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
