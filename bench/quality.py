@@ -12,6 +12,7 @@ raster. One JSON line per dataset.
     python bench/quality.py --seed 1 --seed 2 --seed 3      # shipped defaults, 15 min budget per seed
     python bench/quality.py --budget-s 300 --steps 5000       # as many steps as 5 minutes allow
     python bench/quality.py --device cuda --config my_variant.py
+    python bench/quality.py --seed 1 --work-dir /tmp/q   # keeps shards, checkpoints and artifacts there
 
 A CPU run repeats exactly for the same seed *and* the same torch thread count (``--threads``, recorded in
 every line): another thread count sums in another order, and training is chaotic enough that those
@@ -178,14 +179,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--config", type=Path, default=None, help="training config (python module or YAML)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="keep shards, checkpoints (ckpt-SEED) and artifacts here"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seed or [42]
+    if args.work_dir:
+        # A kept checkpoint would be resumed, not retrained, and scored as if this config had trained it.
+        taken = [str(args.work_dir / f"ckpt-{seed}") for seed in seeds if (args.work_dir / f"ckpt-{seed}").exists()]
+        if taken:
+            parser.error(f"--work-dir {args.work_dir} already holds {', '.join(taken)}: use a fresh folder")
     by_dataset: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        work = args.work_dir or Path(tmp)
         for seed in seeds:
-            for record in run(args, seed, Path(tmp)):
+            for record in run(args, seed, work):
                 print(json.dumps(record), flush=True)
                 by_dataset.setdefault(record["dataset_id"], []).append(record[MODEL]["hungarian_miou"])
     if len(seeds) > 1:
