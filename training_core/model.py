@@ -265,8 +265,10 @@ class SegmentationModel(nn.Module):
         """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters (colour appended
         in eval mode, and in training mode only with ``colour_in_training``)."""
         embeddings = _L2Normalize.apply(features)
+        if self.training and not self.config.colour_in_training:
+            return embeddings  # the default training step: no projection built on the hot path
         projection = colour_projection(self.config.luminance_weight, self.config.chroma_weight)
-        if projection is not None and (self.config.colour_in_training or not self.training):
+        if projection is not None:
             colour = F.avg_pool2d(x, STRIDE, ceil_mode=True)
             embeddings = torch.cat([embeddings, torch.einsum("ij,bjhw->bihw", projection.to(colour), colour)], dim=1)
         return embeddings
