@@ -43,7 +43,7 @@ from training_core.eval import (
 )
 from training_core.headers import discover_datasets
 from training_core.metrics import confusion_matrix, mapped_scores
-from training_core.model import SegmentationModel
+from training_core.model import SegmentationModel, colour_projection
 from training_core.shards import build_shards
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint} is not a file")
     model, config = model_from_checkpoint(args.checkpoint)
-    if config.model.luminance_weight == 0 and config.model.chroma_weight == 0:
+    if colour_projection(config.model.luminance_weight, config.model.chroma_weight) is None:
         parser.error(f"checkpoint {args.checkpoint}: the model appends no colour, so there is no colour probe")
     with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
         processed = Path(tmp) / "processed"

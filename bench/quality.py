@@ -188,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seed or [42]
     if args.work_dir:
         # A kept checkpoint would be resumed, not retrained, and scored as if this config had trained it.
-        taken = [str(args.work_dir / f"ckpt-{seed}") for seed in seeds if (args.work_dir / f"ckpt-{seed}").exists()]
+        taken = [str(path) for path in (args.work_dir / f"ckpt-{seed}" for seed in seeds) if path.exists()]
         if taken:
             parser.error(f"--work-dir {args.work_dir} already holds {', '.join(taken)}: use a fresh folder")
     by_dataset: dict[str, list[float]] = {}
