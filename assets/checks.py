@@ -10,15 +10,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
-import rasterio
 
 from assets.datasets import DATASETS, dataset_header, processed_shards
 from assets.resources import ProjectPaths
-from training_core.headers import DatasetError, discover_items, load_header, validate_dataset
-from training_core.shards import IndexEntry, read_index, shard_dirs
+from training_core.datasets.discovery import discover_items
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.scan import validate_dataset
+from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.shards import IndexEntry, read_index, shard_dirs, tile_problems
 from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits, split_counts
-
-INPUT_BANDS = 3
 
 
 @dg.asset_check(asset=dataset_header, partitions_def=DATASETS, blocking=True)
@@ -58,7 +58,7 @@ def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: Proj
         dataset_dir = paths.dataset_dir(dataset_id)
         header = load_header(paths.header_path(dataset_id))
         items = discover_items(dataset_dir, header)
-        rule = assign_splits(items, header, read_pinned_splits(dataset_dir, header))
+        rule = assign_splits(items, header, read_pinned_splits(dataset_dir, header, items))
         actual = {entry.item_id: split for split, _, entry in index_entries(paths.processed_root, dataset_id)}
         found = [
             f"{item_id}: in {actual.get(item_id)!r}, the rule says {split!r}"
@@ -101,26 +101,15 @@ def index_paths_inside_shard(context: dg.AssetCheckExecutionContext, paths: Proj
 
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
-def tiles_open_with_expected_shape(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """Every input tile opens with 3 bands; every target opens with one band and its input's height x width."""
+def tiles_intact_and_readable(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+    """Every tile's bytes equal the checksum its build recorded (no truncated or altered tile); every input
+    has the bands its header reads; every target is one band of its input's height x width."""
 
     def problems(dataset_id: str) -> list[str]:
+        header = load_header(Path(paths.processed_root) / dataset_id / HEADER_FILENAME)
         found = []
         for _, shard_dir, entry in index_entries(paths.processed_root, dataset_id):
-            try:
-                with rasterio.open(shard_dir / entry.input) as src:
-                    shape = (src.height, src.width)
-                    if src.count != INPUT_BANDS:
-                        found.append(f"{shard_dir / entry.input}: {src.count} bands, expected {INPUT_BANDS}")
-                if entry.has_target:
-                    with rasterio.open(shard_dir / entry.target) as tgt:
-                        if tgt.count != 1 or (tgt.height, tgt.width) != shape:
-                            found.append(
-                                f"{shard_dir / entry.target}: {tgt.count} band(s) of {tgt.height}x{tgt.width}, "
-                                f"expected 1 band of {shape[0]}x{shape[1]} like its input"
-                            )
-            except rasterio.errors.RasterioIOError as exc:
-                found.append(f"{shard_dir}: {entry.item_id}: cannot open ({exc})")
+            found += tile_problems(shard_dir, entry, header)
         return found
 
     return per_dataset_result(partition_keys(context), problems)

@@ -14,14 +14,9 @@ from typing import Any
 import dagster as dg
 
 from assets.resources import ProjectPaths
-from training_core.headers import (
-    dataset_content_hash,
-    discover_datasets,
-    dump_header,
-    extract_header,
-    header_hash,
-    header_to_yaml,
-)
+from training_core.datasets.discovery import dataset_content_hash, discover_datasets
+from training_core.datasets.scan import extract_header
+from training_core.datasets.schema import dump_header, header_hash, header_to_yaml
 from training_core.shards import build_shards
 
 DATASETS = dg.DynamicPartitionsDefinition(name="datasets")
@@ -65,6 +60,7 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg
             "header_hash": header_hash(header),
             "data_version": dataset_content_hash(paths.dataset_dir(dataset_id)),
             "modalities": [modality.name for modality in header.modalities],
+            "pixel_rule": dg.MetadataValue.json({"dtype": header.input.dtype, **header.pixel_rule.to_dict()}),
             "label_values": sorted({v for modality in header.modalities for v in modality.label_values or []}),
             "crs": sorted({crs for modality in header.modalities for crs in modality.crs or []}),
             "header": dg.MetadataValue.md(f"```yaml\n{header_to_yaml(header)}```"),
@@ -84,7 +80,13 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg
 def processed_shards(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.MaterializeResult:
     per_dataset: dict[str, dict[str, Any]] = {}
     for dataset_id in context.partition_keys:
-        report = build_shards(paths.extracted_root, paths.processed_root, dataset_id, overwrite=True)
+        report = build_shards(
+            paths.extracted_root,
+            paths.processed_root,
+            dataset_id,
+            overwrite=True,
+            header_path=paths.header_path(dataset_id),
+        )
         context.log.info(f"{dataset_id}: {report.n_items} items, splits {dict(report.counts)}")
         per_dataset[dataset_id] = {
             **{f"count_{split}": count for split, count in report.counts.items()},

@@ -5,8 +5,6 @@ the summary JSON (metrics, datasets, data versions) is what the export reads and
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +15,9 @@ from assets.datasets import DATASETS
 from assets.lineage import require_materialization
 from assets.resources import ProjectPaths
 from assets.training import png_markdown, trained_model
+from training_core.atomic import atomic_write_text
+from training_core.datasets.errors import DatasetError
 from training_core.eval import BASELINE, MODEL, EvalReport, dataset_label_space, evaluate_checkpoint, render_comparison
-from training_core.headers import DatasetError
 from training_core.shards import read_manifest
 
 EVALUATION_GROUP = "evaluation"
@@ -166,9 +165,4 @@ def mean_or_none(values: list[float | None]) -> float | None:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))

@@ -11,7 +11,6 @@ from typing import Any
 
 import dagster as dg
 import numpy as np
-import rasterio
 from rasterio.windows import Window
 
 from assets.datasets import dataset_header, processed_shards
@@ -19,9 +18,11 @@ from assets.evaluation import iou_evaluation
 from assets.lineage import lineage_of_partitions, require_materialization
 from assets.resources import ProjectPaths
 from assets.training import trained_model
-from runtime_export.export import export_artifact, promote_if_better
+from runtime_export.export import export_artifact, input_rules_of, promote_if_better
 from runtime_export.parity import runtime_parity
 from runtime_export.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
+from training_core.datasets.rasters import read_item
+from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.shards import iter_split_items
 
 EXPORT_GROUP = "export"
@@ -47,7 +48,11 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
         )
     lineage = artifact_lineage(context.instance, training, evaluation, summary, context.run.run_id)
     out_dir = export_artifact(
-        training["metadata"]["checkpoint_path"], paths.candidate_dir(context.run.run_id), lineage, summary["metrics"]
+        training["metadata"]["checkpoint_path"],
+        paths.candidate_dir(context.run.run_id),
+        lineage,
+        summary["metrics"],
+        input_rules_of(paths.processed_root, lineage["datasets"]),
     )
     meta = json.loads((out_dir / META_FILENAME).read_text())
     context.log.info(f"exported {out_dir} (val mIoU {summary['metrics'].get('val_miou')})")
@@ -118,20 +123,22 @@ def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: Project
 
 
 def parity_tiles(processed_root: str, dataset_ids: list[str]) -> list[np.ndarray]:
-    """Up to ``PARITY_TILES`` uint8 RGB tiles (cropped to ``PARITY_TILE_SIZE``) from the datasets' shards."""
+    """Up to ``PARITY_TILES`` model-pixel tiles (cropped to ``PARITY_TILE_SIZE``) from the datasets' shards,
+    read under each dataset's pixel rule as training and segmentation read them."""
+
+    def crop(height: int, width: int) -> Window:
+        return Window(0, 0, min(width, PARITY_TILE_SIZE), min(height, PARITY_TILE_SIZE))
+
     tiles: list[np.ndarray] = []
     for dataset_id in sorted(dataset_ids):
+        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
         for split in ("val", "metrics_train", "train"):
             for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-                with rasterio.open(shard_dir / entry.input) as src:
-                    if src.dtypes[0] != "uint8":
-                        continue
-                    size = Window(0, 0, min(src.width, PARITY_TILE_SIZE), min(src.height, PARITY_TILE_SIZE))
-                    tiles.append(src.read(window=size))
+                tiles.append(read_item(shard_dir / entry.input, None, rule, crop).image)
                 if len(tiles) == PARITY_TILES:
                     return tiles
     if not tiles:
-        raise dg.Failure(f"no uint8 RGB tile in the shards of {dataset_ids} under {processed_root} to test parity on")
+        raise dg.Failure(f"no tile in the shards of {dataset_ids} under {processed_root} to test parity on")
     return tiles
 
 

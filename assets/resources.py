@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from training_core.headers import HEADER_FILENAME
+from training_core.datasets.schema import HEADER_FILENAME
 
 
 class ProjectPaths(dg.ConfigurableResource):

@@ -21,7 +21,7 @@ from assets.pydantic_config import config_schema_from_model
 from assets.resources import ProjectPaths, TrainingDevice
 from training_core.checkpoint import latest_checkpoint, load_checkpoint
 from training_core.config import TrainConfig
-from training_core.headers import DatasetError
+from training_core.datasets.errors import DatasetError
 from training_core.shards import read_manifest
 from training_core.train import LOSS_PARTS, train
 

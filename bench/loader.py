@@ -24,7 +24,7 @@ from pathlib import Path
 import rasterio
 
 from training_core.data.sharded import ShardDataset
-from training_core.headers import discover_datasets
+from training_core.datasets.discovery import discover_datasets
 from training_core.shards import build_shards
 from training_core.splits import SPLITS
 

@@ -88,8 +88,10 @@ def direct_stages(work_root: Path) -> dict[str, float]:
     from runtime_export.export import export_artifact, promote_if_better
     from runtime_export.parity import runtime_parity
     from training_core.config import TrainConfig
+    from training_core.datasets.discovery import discover_datasets
+    from training_core.datasets.scan import extract_header, validate_dataset
+    from training_core.datasets.schema import HEADER_FILENAME, dump_header
     from training_core.eval import BASELINE, MODEL, dataset_label_space, evaluate_checkpoint, render_comparison
-    from training_core.headers import HEADER_FILENAME, discover_datasets, dump_header, extract_header, validate_dataset
     from training_core.shards import build_shards, iter_split_items, read_manifest, verify_shards
     from training_core.train import train
 

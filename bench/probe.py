@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from training_core.checkpoint import model_from_checkpoint
 from training_core.config import STRIDE
+from training_core.datasets.discovery import discover_datasets
 from training_core.eval import (
     BASELINE,
     EVAL_SPLIT,
@@ -41,7 +42,6 @@ from training_core.eval import (
     model_fit_fn,
     split_tiles,
 )
-from training_core.headers import discover_datasets
 from training_core.metrics import confusion_matrix, mapped_scores
 from training_core.model import SegmentationModel, colour_projection
 from training_core.shards import build_shards

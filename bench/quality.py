@@ -38,6 +38,7 @@ from runtime_export.export import export_artifact
 from runtime_export.runtime import RuntimeModel, load_runtime_model, soft_kmeans
 from training_core.checkpoint import latest_checkpoint
 from training_core.config import TrainConfig, load_config
+from training_core.datasets.discovery import discover_datasets
 from training_core.eval import (
     BASELINE,
     EVAL_SPLIT,
@@ -51,7 +52,6 @@ from training_core.eval import (
     sample_fit_rows,
     split_tiles,
 )
-from training_core.headers import discover_datasets
 from training_core.shards import build_shards
 from training_core.train import train
 

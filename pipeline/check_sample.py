@@ -19,7 +19,7 @@ from assets.lineage import require_materialization
 from assets.resources import ProjectPaths
 from pipeline.definitions import defs
 from runtime_export.runtime import META_FILENAME, load_runtime_model
-from training_core.headers import dataset_content_hash
+from training_core.datasets.discovery import dataset_content_hash
 
 UPSTREAM_RUNS = ("evaluation", "training", "shards", "header")
 

@@ -11,7 +11,7 @@ from assets.datasets import dataset_header, processed_shards, raw_dataset
 from assets.evaluation import iou_evaluation
 from assets.export import best_model, runtime_artifact
 from assets.training import trained_model
-from training_core.headers import discover_datasets
+from training_core.datasets.discovery import discover_datasets
 
 SAMPLE_EXTRACTED_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
 SAMPLE_DATASETS = discover_datasets(SAMPLE_EXTRACTED_ROOT)

@@ -1,9 +1,10 @@
 """Torch -> numpy export: a checkpoint becomes an artifact directory the numpy runtime loads.
 
 Artifact directory: ``model.npz`` (plain float32 arrays, batch norm folded into the convs),
-``meta.json`` (runtime version, the model fields, lineage) and ``metrics.json``. Directories are
-written aside and renamed into place, so a reader never sees half an artifact. ``model/best`` is a
-symlink swapped with one ``os.replace``, so promotion is atomic too.
+``meta.json`` (runtime version, the model fields, the input pixel rules, lineage) and
+``metrics.json``. Directories are written aside (with ordinary permissions: the plugin and other
+users read them) and renamed into place, so a reader never sees half an artifact. ``model/best`` is
+a symlink swapped with one ``os.replace``, so promotion is atomic too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,15 @@ from runtime_export.runtime import (
     expected_array_shapes,
     load_runtime_model,
 )
+from training_core.atomic import make_staging_dir
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.rasters import open_raster
+from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.model import SegmentationModel, smoothing_kernel
+from training_core.shards import iter_split_items
+from training_core.splits import SPLITS
 
 PROMOTION_METRIC = "val_miou"  # key of metrics.json compared by promote_if_better
 
@@ -76,7 +83,12 @@ def _f32(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
 
 
-def runtime_meta(config: TrainConfig, lineage: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def runtime_meta(
+    config: TrainConfig,
+    lineage: dict[str, Any],
+    metrics: dict[str, Any],
+    input_rules: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
     """``meta.json``: what the runtime needs to run the arrays, plus where they came from."""
     model = config.model
     return {
@@ -94,6 +106,7 @@ def runtime_meta(config: TrainConfig, lineage: dict[str, Any], metrics: dict[str
         "input_scale": 1.0 / 255.0,  # pixel values times this are the model's [0, 1] input
         "stride": STRIDE,
         "supports_learned_refine": model.smoothing == "learned",
+        "input_rules": {dataset_id: dict(rule) for dataset_id, rule in sorted(input_rules.items())},
         "lineage": {
             **lineage,
             "config_hash": config_hash(config),
@@ -134,15 +147,45 @@ def code_version() -> str:
     return f"{sha}+dirty" if dirty else sha
 
 
+def input_rules_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``meta.json``'s ``input_rules`` for built datasets: ``{id: {"dtype": ..., **PixelRule.to_dict()}}``.
+
+    Each rule is the one the shards were built and read with (``<processed_root>/<id>/dataset_header.yaml``);
+    a header that does not declare its input dtype takes it from the first built input tile.
+    """
+    rules: dict[str, dict[str, Any]] = {}
+    for dataset_id in sorted(set(dataset_ids)):
+        header = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME)
+        dtype = header.input.dtype or _built_input_dtype(processed_root, dataset_id)
+        rules[dataset_id] = {"dtype": dtype, **header.pixel_rule.to_dict()}
+    return rules
+
+
+def _built_input_dtype(processed_root: str | Path, dataset_id: str) -> str:
+    for split in SPLITS:
+        for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
+            with open_raster(shard_dir / entry.input) as src:
+                return src.dtypes[0]
+    raise DatasetError(f"{Path(processed_root) / dataset_id}: no built input tile to read the input dtype from")
+
+
 def export_model(
-    model: SegmentationModel, config: TrainConfig, out_dir: str | Path, lineage: dict[str, Any], metrics: dict[str, Any]
+    model: SegmentationModel,
+    config: TrainConfig,
+    out_dir: str | Path,
+    lineage: dict[str, Any],
+    metrics: dict[str, Any],
+    input_rules: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write the artifact for ``model`` to ``out_dir`` atomically (replacing what was there); returns ``out_dir``."""
+    """Write the artifact for ``model`` to ``out_dir`` atomically (replacing what was there); returns ``out_dir``.
+
+    ``input_rules`` (``input_rules_of``) are the pixel rules of the datasets the model was trained and
+    evaluated on; none (synthetic training) leaves segmentation to the files' own band layout.
+    """
     out_dir = Path(out_dir)
     arrays = runtime_arrays(model.eval())
-    meta = runtime_meta(config, lineage, metrics)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    meta = runtime_meta(config, lineage, metrics, input_rules or {})
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         with open(staging / MODEL_FILENAME, "wb") as handle:
             np.savez(handle, **arrays)
@@ -157,12 +200,16 @@ def export_model(
 
 
 def export_artifact(
-    checkpoint_path: str | Path, out_dir: str | Path, lineage: dict[str, Any], metrics: dict[str, Any]
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    lineage: dict[str, Any],
+    metrics: dict[str, Any],
+    input_rules: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Export a training checkpoint; lineage gains the checkpoint's step besides config hash and code version."""
     model, config = model_from_checkpoint(checkpoint_path)
     step = int(load_checkpoint(checkpoint_path)["step"])
-    return export_model(model, config, out_dir, {**lineage, "checkpoint_step": step}, metrics)
+    return export_model(model, config, out_dir, {**lineage, "checkpoint_step": step}, metrics, input_rules)
 
 
 def promote_if_better(candidate_dir: str | Path, best_dir: str | Path) -> bool:
@@ -183,8 +230,7 @@ def promote_if_better(candidate_dir: str | Path, best_dir: str | Path) -> bool:
             return False
     previous = best_dir.resolve() if best_dir.is_symlink() else None
     versions = best_dir.parent / f".{best_dir.name}-versions"
-    versions.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions))
+    staging = make_staging_dir(versions, prefix=".staging-")
     target = versions / staging.name.removeprefix(".staging-")
     try:
         for name in (MODEL_FILENAME, META_FILENAME, METRICS_FILENAME):
@@ -220,7 +266,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def _swap_directory(staging: Path, out_dir: Path) -> None:
     """Move a finished directory into place; an existing ``out_dir`` is renamed away first, then removed."""
     if out_dir.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        retired = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.old-")
         os.replace(out_dir, retired)  # onto the empty placeholder
         os.rename(staging, out_dir)
         shutil.rmtree(retired, ignore_errors=True)

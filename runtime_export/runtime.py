@@ -13,9 +13,12 @@ model op for op, in float32, in the same order (``training_core/model.py`` is th
 6. smoothing with the exported 3x3 kernel, edge-replicated;
 7. bilinear upsampling with ``align_corners=False``.
 
-Pixels are ``[3, H, W]`` uint8 as rasterio reads them; the artifact's scale and normalisation are
-applied here. Whole rasters go through ``runtime_export.segment``, which uses ``embed``,
-``fit_prototypes`` and ``assign`` to share one set of prototypes across tiles.
+Pixels are ``[3, H, W]`` uint8 model pixels; the artifact's scale and normalisation are applied
+here. Raw rasters (any band layout, uint16...) become model pixels under a ``PixelRule``:
+``meta.json``'s ``input_rules`` records the rule of every dataset the model was trained or evaluated
+on, and ``select_input_rule`` picks the one for a raster. Whole rasters go through
+``runtime_export.segment``, which uses ``embed``, ``fit_prototypes`` and ``assign`` to share one set
+of prototypes across tiles.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-RUNTIME_VERSION = "segpipe-numpy-runtime/2"  # 2: the colour in the opponent basis
+from training_core.datasets.pixels import PixelRule
+
+RUNTIME_VERSION = "segpipe-numpy-runtime/3"  # 3: input_rules (multi-band and non-uint8 inputs)
 MODEL_FILENAME = "model.npz"
 META_FILENAME = "meta.json"
 METRICS_FILENAME = "metrics.json"
@@ -58,6 +63,7 @@ META_KEYS = (
     "input_scale",
     "stride",
     "supports_learned_refine",
+    "input_rules",
 )
 _CONV_NAMES = (
     "encoder.conv1",
@@ -269,7 +275,62 @@ def read_meta(path: Path) -> dict[str, Any]:
     for key in ("luminance_weight", "chroma_weight"):
         if not isinstance(meta[key], int | float) or isinstance(meta[key], bool) or meta[key] < 0:
             raise ArtifactError(f"{path}: {key} must be a non-negative number, got {meta[key]!r}")
+    _check_input_rules(path, meta["input_rules"])
     return meta
+
+
+def _check_input_rules(path: Path, rules: object) -> None:
+    """``input_rules``: ``{dataset_id: {"dtype": str, **PixelRule.to_dict()}}`` (may be empty)."""
+    if not isinstance(rules, dict):
+        raise ArtifactError(f"{path}: input_rules must be an object of dataset id -> rule, got {type(rules).__name__}")
+    for dataset_id, entry in rules.items():
+        where = f"{path}: input_rules.{dataset_id}"
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{where} must be an object, got {type(entry).__name__}")
+        if not isinstance(entry.get("dtype"), str):
+            raise ArtifactError(f"{where}.dtype must be the input's dtype name, got {entry.get('dtype')!r}")
+        try:
+            PixelRule.from_dict(entry).check_dtype(entry["dtype"])
+        except (ValueError, TypeError, IndexError) as exc:
+            raise ArtifactError(f"{where}: not a pixel rule ({exc})") from None
+
+
+def select_input_rule(
+    meta: dict[str, Any], dtype: str, dataset_id: str | None = None, *, own_value_range: bool = False
+) -> PixelRule | None:
+    """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it).
+
+    - ``dataset_id`` given: that dataset's rule (an ``ArtifactError`` lists the known ids if absent);
+    - else the rules recorded for inputs of the same dtype: one distinct rule is used;
+    - none for ``uint8`` (or for any dtype when the caller brings ``own_value_range``): None, meaning
+      "no rule of the model's: take R, G, B (and alpha) from the file's colour interpretation";
+    - several distinct rules, or none for another dtype: a ``ValueError`` saying what to pass
+      (``--dataset``, or ``--value-range`` to scale values the model has never seen).
+    """
+    rules: dict[str, dict[str, Any]] = meta["input_rules"]
+    if dataset_id is not None:
+        if dataset_id not in rules:
+            known = sorted(rules)
+            raise ArtifactError(f"dataset {dataset_id!r}: the model records no input rule for it (known: {known})")
+        return PixelRule.from_dict(rules[dataset_id])
+    matching: dict[PixelRule, list[str]] = {}
+    for name, entry in sorted(rules.items()):
+        if entry["dtype"] == dtype:
+            matching.setdefault(PixelRule.from_dict(entry), []).append(name)
+    if len(matching) == 1:
+        return next(iter(matching))
+    if len(matching) > 1:
+        choices = sorted(name for names in matching.values() for name in names)
+        raise ValueError(
+            f"the model was trained on {dtype} datasets with different pixel rules: pass --dataset, one of {choices}"
+        )
+    if dtype == "uint8" or own_value_range:
+        return None
+    seen = sorted({entry["dtype"] for entry in rules.values()})
+    raise ValueError(
+        f"the model was trained on no {dtype} data (its inputs: {', '.join(seen) or 'uint8 synthetic tiles'}): "
+        "pass --value-range LO,HI to scale the values to 0..255"
+    )
 
 
 def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:

@@ -11,10 +11,8 @@ Every value is a tensor or a plain Python container so the safe unpickler can re
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from training_core.atomic import atomic_open
 from training_core.config import TrainConfig
 from training_core.model import SegmentationModel
 
@@ -87,7 +86,7 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write a checkpoint to ``path`` atomically (temp sibling, fsync, ``os.replace``)."""
+    """Write a checkpoint to ``path`` atomically (``training_core.atomic``: a failed write keeps the old file)."""
     path = Path(path)
     payload = {
         "model": unwrap_model(model).state_dict(),
@@ -98,18 +97,8 @@ def save_checkpoint(
         "losses": {name: float(value) for name, value in (losses or {}).items()},
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary shared file
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
     return path
 
 

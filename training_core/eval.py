@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,14 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import torch
 
+from training_core.atomic import atomic_path, atomic_write_text
 from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig
 from training_core.data.synthetic import synthetic_tile
-from training_core.headers import HEADER_FILENAME, load_header
+from training_core.datasets.pixels import PixelRule
+from training_core.datasets.rasters import read_item
+from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.metrics import (
     Scores,
     confusion_matrix,
@@ -193,32 +193,25 @@ def sample_fit_rows(n: int, seed: int) -> np.ndarray:
 # -- data ----------------------------------------------------------------------------------------
 
 
-def read_tile(item_id: str, input_path: Path, target_path: Path | None, ignore_value: int = 0) -> LabeledTile:
-    """RGB (first three bands) and labels; labels under the input's nodata become ``ignore_value``."""
-    with rasterio.open(input_path) as src:
-        if src.count < 3:
-            raise ValueError(f"{input_path}: has {src.count} bands, evaluation needs RGB (3)")
-        if src.dtypes[0] != "uint8":
-            raise ValueError(f"{input_path}: dtype {src.dtypes[0]}, evaluation expects uint8 RGB")
-        rgb = src.read([1, 2, 3])
-        valid = src.dataset_mask() > 0
-    label = None
-    if target_path is not None:
-        with rasterio.open(target_path) as src:
-            label = src.read(1)
-        if label.shape != rgb.shape[1:]:
-            raise ValueError(f"{target_path}: shape {label.shape} does not match its input {rgb.shape[1:]}")
-        label = np.where(valid, label, ignore_value).astype(label.dtype)
-    return LabeledTile(item_id, rgb, label)
+def read_tile(
+    item_id: str, input_path: Path, target_path: Path | None, rule: PixelRule, ignore_value: int = 0
+) -> LabeledTile:
+    """Model pixels and labels through the raster layer; labels under invalid input pixels become ``ignore_value``."""
+    tile = read_item(input_path, target_path, rule)
+    label = tile.target
+    if label is not None and tile.valid is not None and ignore_value != 0:
+        label = np.where(tile.valid, label, ignore_value).astype(label.dtype)
+    return LabeledTile(item_id, tile.image, label)
 
 
 def split_tiles(
     processed_root: str | Path, dataset_id: str, split: str, ignore_value: int = 0
 ) -> Iterator[LabeledTile]:
-    """The tiles of one processed split, in index order."""
+    """The tiles of one processed split, in index order, read under the dataset header's pixel rule."""
+    rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
     for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
         target = shard_dir / entry.target if entry.target else None
-        yield read_tile(entry.item_id, shard_dir / entry.input, target, ignore_value)
+        yield read_tile(entry.item_id, shard_dir / entry.input, target, rule, ignore_value)
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -417,15 +410,11 @@ def render_comparison(report: EvalReport, path: str | Path) -> Path:
             ax.set_title(f"{title}\n{sample.item_id}" if title == "image" else title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -486,23 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = f"synthetic-seed{args.seed}-k{report.k}"
     output = args.output or Path("eval_reports") / f"{name}.json"
     text = json.dumps(report.to_dict(), indent=2, sort_keys=True)
-    _write_text_atomic(output, text + "\n")
+    atomic_write_text(output, text + "\n")
     if args.picture is not None:
         render_comparison(report, args.picture)
     sys.stdout.write(text + "\n")
     return 0
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

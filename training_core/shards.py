@@ -35,31 +35,31 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import rasterio
 
-from training_core.headers import (
-    HEADER_FILENAME,
-    ROLE_CHANNELS,
-    DatasetError,
-    DatasetHeader,
-    DatasetItem,
+from training_core.atomic import verify_raster
+from training_core.datasets.discovery import DatasetItem, dataset_content_hash, discover_datasets, discover_items
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.rasters import distinct_values, has_mask_band, open_raster, raster_facts, read_blocks
+from training_core.datasets.scan import (
     ItemFacts,
     ItemPool,
-    Modality,
-    Sharding,
     check_consistency,
     check_label_values,
     complete_header,
-    dataset_content_hash,
-    discover_datasets,
-    discover_items,
-    distinct_values,
+    inferred_value_sample,
+    layout_header,
+    load_committed_header,
+    open_item,
+    sample_size_for,
+)
+from training_core.datasets.schema import (
+    HEADER_FILENAME,
+    DatasetHeader,
+    Modality,
+    Sharding,
     dump_header,
     header_from_dict,
     header_hash,
-    layout_header,
-    load_committed_header,
     load_header,
-    open_item,
-    read_blocks,
 )
 from training_core.splits import SPLITS, assign_splits, read_pinned_splits, split_counts
 
@@ -80,12 +80,14 @@ class IndexEntry:
     input: str
     has_target: bool
     target: str | None = None
+    input_sha256: str | None = None  # of the tile file: verify_shards finds truncated or altered tiles
+    target_sha256: str | None = None
 
     def to_json(self) -> str:
         line = asdict(self)
-        if line["target"] is None:
-            del line["target"]
-        return json.dumps(line)
+        return json.dumps(
+            {key: value for key, value in line.items() if value is not None or key not in _INDEX_OPTIONAL}
+        )
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,24 @@ def tile_relpath(folder: str, item_id: str) -> str:
 
 
 def plan_shards(
-    extracted_root: str | Path, dataset_id: str, *, seed: int | None = None, shard_size: int | None = None
+    extracted_root: str | Path,
+    dataset_id: str,
+    *,
+    seed: int | None = None,
+    shard_size: int | None = None,
+    header_path: str | Path | None = None,
 ) -> ShardPlan:
-    """Header (committed, else the layout part of the inferred one), items and split assignment."""
+    """Header (``header_path``, else the committed one, else the layout part of the inferred one), items and
+    split assignment. ``header_path`` is an extracted header (the ``dataset_header`` asset's file): it is
+    authoritative like a committed one."""
     dataset_dir = Path(extracted_root) / dataset_id
     if not dataset_dir.is_dir():
         raise DatasetError(f"{dataset_dir}: no such dataset folder")
     committed = load_committed_header(dataset_dir, dataset_id)
+    if header_path is not None:
+        committed = load_header(header_path)
+        if committed.dataset_id != dataset_id:
+            raise DatasetError(f"{header_path}: dataset_id: is {committed.dataset_id!r}, expected {dataset_id!r}")
     header = committed or layout_header(dataset_dir, dataset_id)
     if seed is not None or shard_size is not None:
         data = header.model_dump()
@@ -164,7 +177,7 @@ def plan_shards(
         data["sharding"]["shard_size"] = header.sharding.shard_size if shard_size is None else shard_size
         header = header_from_dict(data, f"{dataset_dir} (seed/shard_size overrides)")
     items = discover_items(dataset_dir, header)
-    pinned = read_pinned_splits(dataset_dir, header)
+    pinned = read_pinned_splits(dataset_dir, header, items)
     return ShardPlan(dataset_dir, header, committed is not None, items, assign_splits(items, header, pinned), pinned)
 
 
@@ -184,7 +197,8 @@ class _TileTask:
 
 
 def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, sharding: Sharding) -> set[int]:
-    """Stream src into dst keeping CRS, transform and nodata; returns the distinct values seen (targets)."""
+    """Stream src into dst verbatim (every band, source dtype, CRS, transform, nodata, its own mask band);
+    returns the distinct values seen (targets). The tile is read back before it counts as written."""
     profile = {
         "driver": "GTiff",
         "width": src.width,
@@ -198,18 +212,32 @@ def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, shard
     }
     if not sharding.force_uncompressed_tiff and src.compression is not None:
         profile["compress"] = src.compression.value
+    mask_band = has_mask_band(src)
     values: set[int] = set()
-    with rasterio.open(dst, "w", **profile) as out:
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
+        out.colorinterp = src.colorinterp
         for window, block in read_blocks(src):
             out.write(block, window=window)
+            if mask_band:
+                out.write_mask(src.read_masks(1, window=window), window=window)
             if modality.role == "target":
                 values |= distinct_values(block)
+    verify_raster(dst, full=False)
     return values
 
 
-def _write_item(task: _TileTask, header: DatasetHeader) -> ItemFacts:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_item(task: _TileTask, header: DatasetHeader, infer: bool, sample_size: int) -> ItemFacts:
     item = task.item
-    with open_item(item, header) as opened:
+    with open_item(item, header, infer) as opened:
+        sample = inferred_value_sample(opened, header.splits.seed, sample_size) if infer else None
         written = [task.shard_dir / tile_relpath(INPUTS_DIR, item.item_id)]
         _copy_tile(opened.input, written[0], header.input, header.sharding)
         labels: tuple[int, ...] = ()
@@ -218,13 +246,21 @@ def _write_item(task: _TileTask, header: DatasetHeader) -> ItemFacts:
             labels = tuple(sorted(_copy_tile(opened.target, written[1], header.target, header.sharding)))
             check_label_values(item.target_path, labels, header.target)
     size = sum(path.stat().st_size for path in written)
-    return ItemFacts(item.item_id, opened.input_facts, opened.target_facts, labels, size)
+    return ItemFacts(
+        item.item_id,
+        opened.input_facts,
+        opened.target_facts,
+        labels,
+        size,
+        value_sample=sample,
+        sha256=tuple(_sha256(path) for path in written),
+    )
 
 
 def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[DatasetHeader, list[ItemFacts], dict]:
     """Write every tile and index into out_dir; returns the completed header, the facts and the shard names."""
     tasks: list[_TileTask] = []
-    entries: dict[Path, list[IndexEntry]] = {}
+    members_of: dict[Path, list[DatasetItem]] = {}
     shard_names: dict[str, list[str]] = {}
     for split, shards in plan.shards().items():
         shard_names[split] = []
@@ -235,19 +271,34 @@ def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[Datas
                 (shard_dir / TARGETS_DIR).mkdir()
             shard_names[split].append(f"{split}/{shard_name(number)}")
             tasks += [_TileTask(item, shard_dir) for item in members]
-            entries[shard_dir] = [_index_entry(plan.header.dataset_id, item, split) for item in members]
-    facts = pool.map(partial(_write_item, header=plan.header), tasks)
-    check_consistency(facts)
-    header = plan.header if plan.header_committed else complete_header(plan.header, facts)
-    for shard_dir, shard_entries in entries.items():
-        (shard_dir / INDEX_FILENAME).write_text("".join(entry.to_json() + "\n" for entry in shard_entries))
+            members_of[shard_dir] = members
+    infer = not plan.header_committed
+    write = partial(_write_item, header=plan.header, infer=infer, sample_size=sample_size_for(len(plan.items)))
+    facts = pool.map(write, tasks)
+    check_consistency(facts, infer)
+    header = complete_header(plan.header, facts) if infer else plan.header
+    facts_of = {f.item_id: f for f in facts}
+    for shard_dir, members in members_of.items():
+        lines = [
+            _index_entry(plan.header.dataset_id, item, plan.assignment[item.item_id], facts_of[item.item_id]).to_json()
+            for item in members
+        ]
+        (shard_dir / INDEX_FILENAME).write_text("".join(line + "\n" for line in lines))
     return header, facts, shard_names
 
 
-def _index_entry(dataset_id: str, item: DatasetItem, split: str) -> IndexEntry:
+def _index_entry(dataset_id: str, item: DatasetItem, split: str, facts: ItemFacts) -> IndexEntry:
     target = tile_relpath(TARGETS_DIR, item.item_id) if item.labeled else None
     return IndexEntry(
-        dataset_id, item.item_id, item.raw_split, split, tile_relpath(INPUTS_DIR, item.item_id), item.labeled, target
+        dataset_id,
+        item.item_id,
+        item.raw_split,
+        split,
+        tile_relpath(INPUTS_DIR, item.item_id),
+        item.labeled,
+        target,
+        input_sha256=facts.sha256[0],
+        target_sha256=facts.sha256[1] if item.labeled else None,
     )
 
 
@@ -315,6 +366,7 @@ def build_shards(
     shard_size: int | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    header_path: str | Path | None = None,
 ) -> ShardBuildReport:
     """Build the dataset's shards and swap them in atomically.
 
@@ -324,7 +376,7 @@ def build_shards(
     """
     started = time.perf_counter()
     processed_root = Path(processed_root)
-    plan = plan_shards(extracted_root, dataset_id, seed=seed, shard_size=shard_size)
+    plan = plan_shards(extracted_root, dataset_id, seed=seed, shard_size=shard_size, header_path=header_path)
     processed_root.mkdir(parents=True, exist_ok=True)
     _recover(processed_root, dataset_id)
     final = processed_root / dataset_id
@@ -409,6 +461,7 @@ def _inside(shard_dir: Path, rel: object, where: str, key: str) -> str:
 
 
 _INDEX_TYPES = {"dataset_id": str, "item_id": str, "raw_split": (str, type(None)), "split": str, "has_target": bool}
+_INDEX_OPTIONAL = {"target", "input_sha256", "target_sha256"}
 
 
 def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
@@ -421,7 +474,7 @@ def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
     required = {*_INDEX_TYPES, "input"}
     if missing := sorted(required - data.keys()):
         raise DatasetError(f"{where}: missing key {missing[0]!r}")
-    if unknown := sorted(data.keys() - required - {"target"}):
+    if unknown := sorted(data.keys() - required - _INDEX_OPTIONAL):
         raise DatasetError(f"{where}: unknown key {unknown[0]!r}")
     for key, kind in _INDEX_TYPES.items():
         if not isinstance(data[key], kind):
@@ -439,6 +492,8 @@ def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
         _inside(shard_dir, data["input"], where, "input"),
         data["has_target"],
         None if target is None else _inside(shard_dir, target, where, "target"),
+        data.get("input_sha256"),
+        data.get("target_sha256"),
     )
 
 
@@ -473,27 +528,42 @@ def iter_split_items(processed_root: str | Path, dataset_id: str, split: str) ->
 # --------------------------------------------------------------------------------------------- verifying
 
 
-def _tile_problems(shard_dir: Path, entry: IndexEntry) -> list[str]:
-    input_path = shard_dir / entry.input
+def tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> list[str]:
+    """A tile whose bytes differ from the checksum the build recorded (truncated, altered), or that does not
+    open with what the header reads (input bands, a target of one band and its input's size)."""
+    problems = []
+    tiles = [(entry.input, entry.input_sha256)]
+    if entry.target is not None:
+        tiles.append((entry.target, entry.target_sha256))
+    for rel, expected in tiles:
+        path = shard_dir / rel
+        if expected is None:
+            problems.append(f"{path}: no checksum in {INDEX_FILENAME} (built by an older layout?): rebuild")
+        elif not path.is_file():
+            problems.append(f"{path}: missing")
+        elif _sha256(path) != expected:
+            problems.append(f"{path}: contents differ from the checksum the build recorded (truncated or altered)")
+    if problems:
+        return problems
     try:
-        with rasterio.open(input_path) as src:
-            if src.count != ROLE_CHANNELS["input"]:
-                return [f"{input_path}: has {src.count} bands, expected {ROLE_CHANNELS['input']}"]
-            shape = src.shape
+        with open_raster(shard_dir / entry.input) as src:
+            facts = raster_facts(src, shard_dir / entry.input)
+        if facts.count < header.pixel_rule.band_count_needed:
+            return [f"{facts.path}: has {facts.count} bands, the header reads {list(header.pixel_rule.indexes)}"]
         if entry.target is not None:
-            target_path = shard_dir / entry.target
-            with rasterio.open(target_path) as tgt:
-                if tgt.count != 1 or tgt.shape != shape:
-                    return [f"{target_path}: is {tgt.count}x{tgt.shape}, expected 1x{shape} like its input"]
-    except rasterio.errors.RasterioError as exc:
-        return [f"{shard_dir}: item {entry.item_id!r}: cannot open tile: {exc}"]
+            with open_raster(shard_dir / entry.target) as tgt:
+                if tgt.count != 1 or tgt.shape != (facts.height, facts.width):
+                    return [f"{tgt.name}: is {tgt.count}x{tgt.shape}, expected 1x{(facts.height, facts.width)}"]
+    except DatasetError as exc:
+        return [str(exc)]
     return []
 
 
 def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
     """Problems with a built dataset (empty list = sound): manifest and index readable, every index path
     inside its shard, every item in exactly one split, the assignment equal to the split rule's, counts
-    equal to the manifest's, every tile opening with the input's bands and the targets with its shape."""
+    equal to the manifest's, every tile's bytes equal to the checksum the build recorded, every input opening
+    with the bands the header reads and every target with its input's shape."""
     root = Path(processed_root) / dataset_id
     try:
         manifest = read_manifest(processed_root, dataset_id)
@@ -516,7 +586,7 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
                     other = seen[entry.item_id].split
                     problems.append(f"{shard_dir}: item {entry.item_id!r} is also in split {other!r}")
                 seen[entry.item_id] = entry
-                problems += _tile_problems(shard_dir, entry)
+                problems += tile_problems(shard_dir, entry, header)
     actual = {item_id: entry.split for item_id, entry in seen.items()}
     if split_counts(actual) != manifest["counts"]:
         problems.append(f"{root}: split counts {split_counts(actual)} differ from the manifest's {manifest['counts']}")

@@ -31,7 +31,9 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from training_core.headers import DatasetError, DatasetHeader, DatasetItem
+from training_core.datasets.discovery import DatasetItem
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.schema import DatasetHeader
 
 SPLITS = ("train", "metrics_train", "val")
 LABELED_SPLITS = ("metrics_train", "val")
@@ -76,23 +78,40 @@ def _split_labeled(ranked: Sequence[str], header: DatasetHeader) -> dict[str, st
     return assignment
 
 
-def read_pinned_splits(dataset_dir: str | Path, header: DatasetHeader) -> dict[str, str]:
-    """item id -> split from the header's manifest_files (empty without them)."""
+def read_pinned_splits(
+    dataset_dir: str | Path, header: DatasetHeader, items: Sequence[DatasetItem] = ()
+) -> dict[str, str]:
+    """item id -> split from the header's manifest_files (empty without them); with ``items``, a line naming
+    none of them is an error naming the file and line.
+
+    Each file must resolve (links followed) inside the dataset folder. Errors name the file and line,
+    never what the line holds: a manifest is user data, and a path to a file outside the dataset is refused.
+    """
     pinned: dict[str, str] = {}
     pinned_at: dict[str, str] = {}
+    root = Path(dataset_dir).resolve()
+    known = {item.item_id for item in items}
     for split, rel in (header.splits.manifest_files or {}).items():
         path = Path(dataset_dir) / rel
+        if not path.resolve().is_relative_to(root):
+            raise DatasetError(f"{path}: splits.manifest_files.{split}: resolves outside the dataset folder {root}")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise DatasetError(f"{path}: splits.manifest_files.{split}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise DatasetError(f"{path}: splits.manifest_files.{split}: not a UTF-8 text file") from None
         for number, line in enumerate(lines, start=1):
             item_id = line.split("#", 1)[0].strip()
             if not item_id:
                 continue
+            if items and item_id not in known:
+                raise DatasetError(
+                    f"{path}:{number}: splits.manifest_files.{split}: names no item of dataset {header.dataset_id!r}"
+                )
             if item_id in pinned:
                 raise DatasetError(
-                    f"{path}:{number}: item {item_id!r} is already pinned to {pinned[item_id]!r} "
+                    f"{path}:{number}: splits.manifest_files.{split}: pins an item already pinned "
                     f"by {pinned_at[item_id]}"
                 )
             pinned[item_id] = split
@@ -109,7 +128,10 @@ def assign_splits(
     for item_id, split in (pinned or {}).items():
         item = by_id.get(item_id)
         if item is None:
-            raise DatasetError(f"splits.manifest_files.{split}: item {item_id!r} is not in {header.dataset_id!r}")
+            # The line is not echoed: it may be anything (a pinned file is user data).
+            raise DatasetError(
+                f"splits.manifest_files.{split}: a listed line names no item of dataset {header.dataset_id!r}"
+            )
         if split in LABELED_SPLITS and not item.labeled:
             raise DatasetError(f"{item.input_path}: splits.manifest_files pins it to {split!r} but it has no target")
         assignment[item_id] = split

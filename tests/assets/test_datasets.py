@@ -10,7 +10,8 @@ from assets import checks
 from assets.datasets import dataset_header, processed_shards, raw_dataset
 from assets.resources import ProjectPaths
 from assets.training import trained_model
-from training_core.headers import dataset_content_hash, load_header
+from training_core.datasets.discovery import dataset_content_hash
+from training_core.datasets.schema import load_header
 from training_core.shards import INDEX_FILENAME, build_shards, shard_dirs
 
 DATA_PLANE_CHECKS = [
@@ -18,7 +19,7 @@ DATA_PLANE_CHECKS = [
     checks.every_item_in_one_split,
     checks.split_counts_follow_rule,
     checks.index_paths_inside_shard,
-    checks.tiles_open_with_expected_shape,
+    checks.tiles_intact_and_readable,
 ]
 
 

@@ -16,7 +16,7 @@ import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from tests.ops.conftest import REPO_ROOT, PostgresServer
-from training_core.headers import dataset_content_hash
+from training_core.datasets.discovery import dataset_content_hash
 
 DATASET_ID = "kampala_buildings"
 SAMPLE_EXTRACTED_ROOT = REPO_ROOT / "sample_data" / "extracted"

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.ops.conftest import REPO_ROOT, DagsterDevServer, ensure_chromium_installed
-from training_core.headers import dataset_content_hash
+from training_core.datasets.discovery import dataset_content_hash
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extras")
 

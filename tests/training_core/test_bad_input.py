@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from training_core.headers import HEADER_FILENAME, DatasetError, dump_header, extract_header
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.scan import extract_header
+from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.headers import main as headers_main
 from training_core.shards import INDEX_FILENAME, build_shards, read_index, shard_dirs, verify_shards
 
@@ -80,9 +82,35 @@ def test_target_without_input(built, write_tif) -> None:
     rebuild_fails(built, r"masks/orphan.tif: target without input")
 
 
-def test_input_that_is_not_three_bands(built, write_tif) -> None:
+def test_input_with_fewer_than_three_bands(built, write_tif) -> None:
+    write_tif(built[0] / "images" / "u1.tif", np.zeros((2, 16, 16), np.uint8))
+    rebuild_fails(built, r"images/u1.tif: bands: has 2, an input needs at least 3 \(R, G, B\)")
+
+
+def test_inputs_with_different_band_counts(built, write_tif) -> None:
     write_tif(built[0] / "images" / "u1.tif", np.zeros((4, 16, 16), np.uint8))
-    rebuild_fails(built, r"images/u1.tif: modality 'rgb': channels: has 4 bands, expected 3")
+    rebuild_fails(built, r"images/u1.tif: channels: has 4 bands but .*images/(l0|l1|u0).tif has 3")
+
+
+def test_band_count_short_of_the_declared_bands(built) -> None:
+    commit_header(built[0], lambda data: data["modalities"][0].update(bands=[1, 2, 4], channels=None))
+    rebuild_fails(built, r"images/\w+.tif: modality 'rgb': bands: has 3 bands, the header reads bands \[1, 2, 4\]")
+
+
+def test_dtype_without_a_scaling_rule(built, write_tif) -> None:
+    commit_header(built[0], lambda data: data["modalities"][0].update(dtype=None))
+    write_tif(built[0] / "images" / "u1.tif", np.zeros((3, 16, 16), np.uint16))
+    rebuild_fails(built, r"images/u1.tif: modality 'rgb': dtype uint16 has no scaling rule: declare value_range")
+
+
+def test_header_declaring_no_scaling_for_uint16_is_rejected(built) -> None:
+    commit_header(built[0], lambda data: data["modalities"][0].update(dtype="uint16"))
+    rebuild_fails(built, rf"{HEADER_FILENAME}: invalid dataset header: .*dtype uint16 has no scaling rule")
+
+
+def test_target_crs_differs_from_input(built, write_tif) -> None:
+    write_tif(built[0] / "masks" / "l1.tif", np.ones((1, 16, 16), np.uint8), crs="EPSG:4326")
+    rebuild_fails(built, r"masks/l1.tif: crs: target is in EPSG:4326 but its input .*images/l1.tif in EPSG:3857")
 
 
 def test_target_size_differs_from_input(built, write_tif) -> None:
@@ -104,7 +132,7 @@ def test_truncated_tiff(built, sample_extracted: Path) -> None:
 
 def test_corrupt_tiff(built) -> None:
     (built[0] / "masks" / "l0.tif").write_bytes(b"II*\x00 this is not a real TIFF")
-    rebuild_fails(built, r"masks/l0.tif: cannot open as GeoTIFF")
+    rebuild_fails(built, r"masks/l0.tif: cannot open as a GeoTIFF")
 
 
 def test_empty_dataset(built) -> None:
@@ -166,11 +194,11 @@ from training_core import shards
 
 real_write_item, written = shards._write_item, []
 
-def write_then_die(task, header):
+def write_then_die(task, **kwargs):
     if len(written) == 20:
         os.kill(os.getpid(), signal.SIGKILL)
     written.append(task)
-    return real_write_item(task, header)
+    return real_write_item(task, **kwargs)
 
 shards._write_item = write_then_die
 shards.build_shards(sys.argv[1], sys.argv[2], "kampala_buildings", seed=5, overwrite=True, workers=1)
@@ -206,4 +234,4 @@ def test_header_cli_writes_nothing_on_bad_input(built, tmp_path: Path, capsys) -
 
 def test_header_stating_other_channels_is_rejected(built) -> None:
     commit_header(built[0], lambda data: data["modalities"][0].update(channels=4))
-    rebuild_fails(built, rf"{HEADER_FILENAME}: invalid dataset header: .*modality 'rgb': channels must be 3")
+    rebuild_fails(built, r"images/\w+.tif: modality 'rgb': channels: has 3 bands, expected 4")

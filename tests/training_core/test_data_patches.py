@@ -19,8 +19,9 @@ from training_core.data.patches import (
     RandomPatchSampler,
     find_geotiffs,
     grid_offsets,
-    read_tile,
 )
+from training_core.datasets.pixels import PixelRule
+from training_core.datasets.rasters import read_item
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
 NEW_BRUNSWICK = EXTRACTED / "new_brunswick_landcover"
@@ -82,7 +83,7 @@ def test_window_targets_stay_aligned() -> None:
 
 def test_nodata_pixels_are_invalid() -> None:
     path = UNLABELED / "RGB.byte.tif"
-    tile = read_tile(path)
+    tile = read_item(path, None, PixelRule())
     assert tile.valid is not None and 0 < tile.valid.mean() < 1
     # The nodata collar (value 0 in every band) is exactly what is marked invalid.
     np.testing.assert_array_equal(tile.valid, (tile.image != 0).any(axis=0))
@@ -140,5 +141,5 @@ def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
     image, other_mask = QUEBEC / "images" / "tile_1.tif", NEW_BRUNSWICK / "masks" / "23322E759967N_clipped_1m_1of2.tif"
     with pytest.raises(ValueError, match=f"{other_mask}: size 341x280 differs"):
         GeoRaster.open("x", image, other_mask)
-    with pytest.raises(ValueError, match="band count 1"):
-        read_tile(other_mask)
+    with pytest.raises(ValueError, match=f"{other_mask}: bands: has 1 bands"):
+        read_item(other_mask, None, PixelRule())

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import ShardDataset, ShardItem, assign_items
-from training_core.headers import DatasetError, discover_datasets
+from training_core.datasets.discovery import discover_datasets
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.pixels import PixelRule
 from training_core.shards import build_shards, iter_split_items
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
@@ -164,7 +166,7 @@ def test_assignment_balances_whole_shards_or_deals_items() -> None:
     sizes = [1, 4, 1, 2]
     shards, start = [], 0
     for size in sizes:
-        shards.append([ShardItem(start + i, f"item{start + i}", Path("x.tif"), None) for i in range(size)])
+        shards.append([ShardItem(start + i, f"item{start + i}", Path("x.tif"), None, PixelRule()) for i in range(size)])
         start += size
     # Largest shard first, each to the least-loaded worker: 4 -> w0, 2 -> w1, then both 1s -> w1 (4 items each).
     mine = [[item.index for item in assign_items(shards, w, 2)] for w in range(2)]

@@ -13,6 +13,7 @@ from affine import Affine
 
 from training_core.checkpoint import save_checkpoint
 from training_core.config import ModelConfig, TrainConfig
+from training_core.datasets.pixels import PixelRule
 from training_core.eval import (
     BASELINE,
     MODEL,
@@ -83,7 +84,10 @@ def test_real_tiles_model_and_baseline_side_by_side(tmp_path: Path) -> None:
     names = ["OAM-1238448-1046532-21", "OAM-1238449-1046533-21", "OAM-1238450-1046534-21"]
     tiles = [
         read_tile(
-            n, SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif", SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif"
+            n,
+            SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif",
+            SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif",
+            PixelRule(),
         )
         for n in names
     ]
@@ -127,7 +131,7 @@ def test_read_tile_ignores_labels_under_input_nodata(tmp_path: Path) -> None:
         dst.write(rgb)
     with rasterio.open(tmp_path / "mask.tif", "w", count=1, **profile) as dst:
         dst.write(np.full((1, 4, 4), 2, np.uint8))
-    tile = read_tile("x", tmp_path / "in.tif", tmp_path / "mask.tif")
+    tile = read_tile("x", tmp_path / "in.tif", tmp_path / "mask.tif", PixelRule())
     assert (tile.label[0] == 0).all() and (tile.label[1:] == 2).all()
 
 
@@ -210,7 +214,10 @@ def test_baseline_fits_one_set_of_centres_for_the_dataset() -> None:
     names = sorted(p.stem for p in (SAMPLE_ROOT / "kampala_buildings/masks").glob("*.tif"))
     tiles = [
         read_tile(
-            n, SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif", SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif"
+            n,
+            SAMPLE_ROOT / f"kampala_buildings/images/{n}.tif",
+            SAMPLE_ROOT / f"kampala_buildings/masks/{n}.tif",
+            PixelRule(),
         )
         for n in names
     ]

@@ -10,22 +10,18 @@ import numpy as np
 import pytest
 import yaml
 
-from training_core.headers import (
+from training_core.datasets.discovery import dataset_content_hash, discover_datasets, discover_items
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.scan import extract_header, scan_dataset, validate_dataset
+from training_core.datasets.schema import (
     HEADER_FILENAME,
-    DatasetError,
     DatasetHeader,
-    dataset_content_hash,
-    discover_datasets,
-    discover_items,
     dump_header,
-    extract_header,
     header_hash,
     header_to_yaml,
     load_header,
-    main,
-    scan_dataset,
-    validate_dataset,
 )
+from training_core.headers import main
 
 DESIGN_FIELDS = {
     "top": {

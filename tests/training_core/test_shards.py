@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from training_core.headers import HEADER_FILENAME, DatasetError, dump_header, extract_header, header_hash
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.scan import extract_header
+from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_hash
 from training_core.shards import (
     INDEX_FILENAME,
     MANIFEST_FILENAME,
@@ -73,7 +75,10 @@ def test_index_lines_follow_layout_v0(kampala_built) -> None:
     processed, _ = kampala_built
     (shard,) = shard_dirs(processed, KAMPALA, "val")
     first = json.loads((shard / INDEX_FILENAME).read_text().splitlines()[0])
-    assert first.keys() == {"dataset_id", "item_id", "raw_split", "split", "input", "has_target", "target"}
+    assert first.keys() == {
+        *("dataset_id", "item_id", "raw_split", "split", "input", "has_target", "target"),
+        *("input_sha256", "target_sha256"),
+    }
     assert first["input"] == f"inputs/{first['item_id']}.tif" and first["target"] == f"targets/{first['item_id']}.tif"
     (train,) = shard_dirs(processed, KAMPALA, "train")
     assert "target" not in json.loads((train / INDEX_FILENAME).read_text().splitlines()[0])
@@ -189,11 +194,18 @@ def test_verify_reports_tampering(kampala_copy: Path, tmp_path: Path) -> None:
     assert any(f"{moved['item_id']}.tif" in p for p in problems)  # its tiles are not in that shard
 
 
-def test_verify_reports_wrong_bands(kampala_copy: Path, tmp_path: Path, write_tif) -> None:
+def test_verify_catches_replaced_truncated_and_altered_tiles(kampala_copy: Path, tmp_path: Path, write_tif) -> None:
     build_shards(kampala_copy, tmp_path, KAMPALA, workers=1)
-    shard_dir, entry = next(iter_split_items(tmp_path, KAMPALA, "train"))
-    write_tif(shard_dir / entry.input, np.zeros((1, 256, 256), np.uint8))
-    assert verify_shards(tmp_path, KAMPALA) == [f"{shard_dir / entry.input}: has 1 bands, expected 3"]
+    assert verify_shards(tmp_path, KAMPALA) == []
+    entries = list(iter_split_items(tmp_path, KAMPALA, "train"))[:3]
+    replaced, truncated, altered = (shard_dir / entry.input for shard_dir, entry in entries)
+    write_tif(replaced, np.zeros((1, 256, 256), np.uint8))
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    data = bytearray(altered.read_bytes())
+    data[-100] ^= 0xFF  # one pixel byte: the file still opens and reads
+    altered.write_bytes(bytes(data))
+    changed = "contents differ from the checksum the build recorded (truncated or altered)"
+    assert verify_shards(tmp_path, KAMPALA) == [f"{path}: {changed}" for path in (replaced, truncated, altered)]
 
 
 def test_verify_without_build(tmp_path: Path) -> None:
@@ -217,7 +229,7 @@ def test_cli_builds_and_dry_run_writes_nothing(kampala_copy: Path, tmp_path: Pat
 
 def test_tiles_stream_in_strips(sample_extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rasters larger than BLOCK_BYTES are copied strip by strip (bounded memory), still exactly."""
-    monkeypatch.setattr("training_core.headers.BLOCK_BYTES", 7 * 280 * 3)  # 7-row strips, a ragged last one
+    monkeypatch.setattr("training_core.datasets.rasters.BLOCK_BYTES", 7 * 280 * 3)  # 7-row strips, a ragged last one
     report = build_shards(sample_extracted, tmp_path, "new_brunswick_landcover", workers=1)
     assert report.label_values == [1, 2, 3, 4, 5, 6]
     source = sample_extracted / "new_brunswick_landcover"

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from training_core.headers import DatasetError, DatasetHeader, DatasetItem, discover_items, extract_header
+from training_core.datasets.discovery import DatasetItem, discover_items
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.scan import extract_header
+from training_core.datasets.schema import DatasetHeader
 from training_core.splits import (
     SPLITS,
     assign_splits,
@@ -139,10 +142,17 @@ def test_manifest_files_errors_name_file_and_item(tmp_path: Path) -> None:
             "metrics_train": write_list(tmp_path / "m.txt", ["l001", "l000"]),
         }
     )
-    with pytest.raises(DatasetError, match=r"m.txt:2: item 'l000' is already pinned to 'val' by .*v.txt:1"):
+    with pytest.raises(
+        DatasetError, match=r"m.txt:2: splits.manifest_files.metrics_train: pins an item already"
+    ):
         read_pinned_splits(tmp_path, twice)
-    unknown = header(manifest_files={"val": write_list(tmp_path / "u.txt", ["nope"])})
-    with pytest.raises(DatasetError, match=r"manifest_files.val: item 'nope' is not in 'toy'"):
+    unknown = header(manifest_files={"val": write_list(tmp_path / "u.txt", ["l000", "nope"])})
+    with pytest.raises(
+        DatasetError, match=r"u.txt:2: splits.manifest_files.val: names no item of dataset 'toy'"
+    ) as err:
+        read_pinned_splits(tmp_path, unknown, items(2))
+    assert "nope" not in str(err.value)
+    with pytest.raises(DatasetError, match=r"manifest_files.val: a listed line names no item of dataset 'toy'"):
         assign_splits(items(2), unknown, read_pinned_splits(tmp_path, unknown))
     unlabeled = header(manifest_files={"val": write_list(tmp_path / "x.txt", ["u000"])})
     with pytest.raises(DatasetError, match=r"u0.tif: splits.manifest_files pins it to 'val' but it has no target"):
@@ -169,3 +179,28 @@ def test_preserve_raw_split() -> None:
 def test_expected_counts_cover_every_split() -> None:
     assert tuple(expected_split_counts(3, 2)) == SPLITS
     assert expected_split_counts(3, 2) == {"train": 2, "metrics_train": 1, "val": 2}
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "/etc/passwd", "lists/../../secret.txt", "C:/Windows/win.ini"])
+def test_manifest_files_outside_the_dataset_are_refused_by_the_schema(path: str) -> None:
+    with pytest.raises(ValueError, match="must be a relative path inside the dataset folder"):
+        header(manifest_files={"val": path})
+
+
+def test_manifest_file_linked_outside_the_dataset_is_refused_unread(tmp_path: Path) -> None:
+    """A link inside the folder to a file outside it: refused before reading, and nothing of it is echoed."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    dataset = tmp_path / "toy"
+    dataset.mkdir()
+    (dataset / "val.txt").symlink_to(secret)
+    with pytest.raises(DatasetError, match=r"val.txt: splits.manifest_files.val: resolves outside the dataset") as err:
+        read_pinned_splits(dataset, header(manifest_files={"val": "val.txt"}), items(2))
+    assert "root:x" not in str(err.value)
+
+
+def test_manifest_file_contents_never_reach_an_error(tmp_path: Path) -> None:
+    (tmp_path / "val.txt").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(DatasetError) as err:
+        read_pinned_splits(tmp_path, header(manifest_files={"val": "val.txt"}), items(2))
+    assert "root" not in str(err.value).replace(str(tmp_path), "")

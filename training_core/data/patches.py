@@ -4,98 +4,43 @@ torchgeo-style split of jobs: a *sampler* decides where the windows are (``Rando
 random windows, ``GridPatchSampler`` covers every raster), the *dataset* (``PatchDataset``) turns one
 ``PatchLocation`` into a sample. ``DataLoader(PatchDataset(...), sampler=...)`` wires them together.
 
-Every sample is a dict: ``image`` uint8 [3, P, P] (the pixels as read), ``valid`` bool [P, P],
+Pixels are read through the raster layer (``training_core.datasets.rasters.read_item``) under the
+dataset's pixel rule (band selection, value scaling, validity).
+
+Every sample is a dict: ``image`` uint8 [3, P, P] (model pixels), ``valid`` bool [P, P],
 ``item_id`` str, and ``target`` int64 [P, P] (0 = ignore) when the raster has a paired target.
 
 Rasters smaller than the patch are padded, never skipped. Padding choice: the image is *reflected*
 at the bottom / right edge, the target is padded with 0 (ignore) and ``valid`` is False there.
 Reflection keeps real ground texture in the padded area; a flat zero border would be a free,
 perfectly separable "segment" that the clustering losses would learn to isolate. ``valid`` still
-marks it so losses and metrics can leave it out. Pixels the raster declares nodata (nodata value,
-internal mask or alpha band) are ``valid = False`` too.
+marks it so losses and metrics can leave it out. Pixels the pixel rule calls invalid (nodata value,
+mask band, alpha band) are ``valid = False`` too.
 
-The helpers ``read_tile`` / ``pad_tile`` / ``crop_sample`` are shared with the shard dataset.
+The helpers ``pad_tile`` / ``crop_sample`` are shared with the shard dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
 import torch
-from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
-from training_core.headers import DatasetError
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.pixels import PixelRule
+from training_core.datasets.rasters import Tile, infer_bands, open_raster, raster_facts, read_item
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class Tile:
-    """Decoded pixels of a raster (or of a window of it), before cropping to a patch."""
-
-    image: np.ndarray  # uint8 [3, H, W]
-    target: np.ndarray | None  # integer [H, W], 0 = ignore
-    valid: np.ndarray | None  # bool [H, W]; None = every pixel valid (the common case, no allocation)
-
-    @property
-    def height(self) -> int:
-        return self.image.shape[1]
-
-    @property
-    def width(self) -> int:
-        return self.image.shape[2]
-
-
-def _read_valid(src: rasterio.DatasetReader, window: Window | None) -> np.ndarray | None:
-    """Valid-data mask from nodata / internal mask / alpha, or None when the raster declares none."""
-    if all(flags == [MaskFlags.all_valid] for flags in src.mask_flag_enums[:3]):
-        return None
-    return src.dataset_mask(window=window) > 0
 
 
 def patch_window(row: int, col: int, height: int, width: int, patch_size: int) -> Window:
     """The part of the ``patch_size`` square at (row, col) that lies inside a height x width raster."""
     return Window(col, row, min(patch_size, width - col), min(patch_size, height - row))
-
-
-def read_tile(
-    input_path: str | Path,
-    target_path: str | Path | None = None,
-    choose_window: Callable[[int, int], Window] | None = None,
-) -> Tile:
-    """Read the RGB bands (and the target's first band) of the whole raster, or of one window of it.
-
-    ``choose_window(height, width)`` picks the window once the open raster's size is known, so a
-    random crop costs one open and reads only its own pixels. Raises DatasetError naming the file when
-    the input is not 3+ band uint8 or the target's size differs.
-    """
-    with rasterio.open(input_path) as src:
-        if src.count < 3:
-            raise DatasetError(f"{input_path}: band count {src.count}: an RGB input needs at least 3 bands")
-        if src.dtypes[0] != "uint8":
-            raise DatasetError(f"{input_path}: dtype {src.dtypes[0]}: an RGB input must be uint8")
-        window = None if choose_window is None else choose_window(src.height, src.width)
-        image = src.read((1, 2, 3), window=window)
-        valid = _read_valid(src, window)
-        input_shape = (src.height, src.width)
-    target = None
-    if target_path is not None:
-        with rasterio.open(target_path) as tgt:
-            if (tgt.height, tgt.width) != input_shape:
-                raise DatasetError(
-                    f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
-                    f"({input_shape[0]}x{input_shape[1]})"
-                )
-            target = tgt.read(1, window=window)
-            if tgt.nodata is not None:
-                target[target == tgt.nodata] = 0
-    return Tile(image=image, target=target, valid=valid)
 
 
 def pad_tile(tile: Tile, patch_size: int) -> Tile:
@@ -142,32 +87,43 @@ def crop_sample(tile: Tile, row: int, col: int, patch_size: int, item_id: str) -
 
 @dataclass(frozen=True)
 class GeoRaster:
-    """One input raster (and optional aligned target) with its pixel size."""
+    """One input raster (and optional aligned target) with its pixel size and the rule its pixels are read by."""
 
     item_id: str
     input_path: Path
     target_path: Path | None
     height: int
     width: int
+    rule: PixelRule = PixelRule()
 
     @classmethod
     def open(cls, item_id: str, input_path: str | Path, target_path: str | Path | None = None) -> GeoRaster:
-        """Read the size from the header; a target of another size is an error naming both files."""
-        with rasterio.open(input_path) as src:
-            height, width = src.height, src.width
+        """Size and band selection (GDAL's colour interpretation) from the file; a raw raster is read unscaled,
+        so it must be uint8 (a non-uint8 dataset goes through a header: shards). A target of another size is
+        an error naming both files."""
+        with open_raster(input_path) as src:
+            facts = raster_facts(src, Path(input_path))
+        bands, alpha = infer_bands(facts.colorinterp)
+        rule = PixelRule(bands=tuple(bands), alpha_band=alpha)
+        if facts.count < rule.band_count_needed or facts.dtype != "uint8":
+            raise DatasetError(
+                f"{input_path}: {facts.count} band(s) of {facts.dtype}: geo_paths takes uint8 rasters with R, G, B; "
+                "build shards from a dataset header for other data (it records band selection and value scaling)"
+            )
         if target_path is not None:
-            with rasterio.open(target_path) as tgt:
-                if (tgt.height, tgt.width) != (height, width):
+            with open_raster(target_path) as tgt:
+                if (tgt.height, tgt.width) != (facts.height, facts.width):
                     raise DatasetError(
                         f"{target_path}: size {tgt.height}x{tgt.width} differs from its input {input_path} "
-                        f"({height}x{width})"
+                        f"({facts.height}x{facts.width})"
                     )
         return cls(
             item_id=item_id,
             input_path=Path(input_path),
             target_path=None if target_path is None else Path(target_path),
-            height=height,
-            width=width,
+            height=facts.height,
+            width=facts.width,
+            rule=rule,
         )
 
 
@@ -220,7 +176,8 @@ class PatchDataset(Dataset):
     def __getitem__(self, location: PatchLocation) -> dict:
         raster = self.rasters[location.raster]
         window = patch_window(location.row, location.col, raster.height, raster.width, self.patch_size)
-        tile = pad_tile(read_tile(raster.input_path, raster.target_path, lambda _h, _w: window), self.patch_size)
+        tile = read_item(raster.input_path, raster.target_path, raster.rule, lambda _h, _w: window)
+        tile = pad_tile(tile, self.patch_size)
         item_id = f"{raster.item_id}@{location.row},{location.col}"
         return crop_sample(tile, 0, 0, self.patch_size, item_id)
 

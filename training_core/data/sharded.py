@@ -30,8 +30,11 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import IterableDataset, get_worker_info
 
-from training_core.data.patches import Tile, crop_sample, pad_tile, patch_window, read_tile
-from training_core.headers import DatasetError
+from training_core.data.patches import crop_sample, pad_tile, patch_window
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.pixels import PixelRule
+from training_core.datasets.rasters import Tile, read_item
+from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.shards import MANIFEST_FILENAME, iter_split_items, read_manifest
 
 
@@ -43,6 +46,7 @@ class ShardItem:
     item_id: str  # "<dataset_id>/<item_id>", unique across datasets
     input_path: Path
     target_path: Path | None
+    rule: PixelRule  # the dataset header's: band selection, value scaling, validity
 
 
 def processed_dataset_ids(processed_root: str | Path) -> list[str]:
@@ -62,6 +66,7 @@ def list_shards(processed_root: str | Path, dataset_ids: Sequence[str], split: s
     count = 0
     for dataset_id in dataset_ids:
         read_manifest(processed_root, dataset_id)
+        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
         for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
             shards.setdefault(shard_dir, []).append(
                 ShardItem(
@@ -69,6 +74,7 @@ def list_shards(processed_root: str | Path, dataset_ids: Sequence[str], split: s
                     item_id=f"{dataset_id}/{entry.item_id}",
                     input_path=shard_dir / entry.input,
                     target_path=shard_dir / entry.target if entry.target is not None else None,
+                    rule=rule,
                 )
             )
             count += 1
@@ -167,7 +173,7 @@ class ShardDataset(IterableDataset):
             self._cache.move_to_end(item.index)
             return tile
         self.cache_misses += 1
-        tile = pad_tile(read_tile(item.input_path, item.target_path), self.patch_size)
+        tile = pad_tile(read_item(item.input_path, item.target_path, item.rule), self.patch_size)
         self._cache[item.index] = tile
         if self.cache_max_items and len(self._cache) > self.cache_max_items:
             self._cache.popitem(last=False)
@@ -186,7 +192,7 @@ class ShardDataset(IterableDataset):
             return patch_window(row, col, height, width, self.patch_size)
 
         # Without a cache only the crop's own pixels are read.
-        tile = pad_tile(read_tile(item.input_path, item.target_path, crop_window), self.patch_size)
+        tile = pad_tile(read_item(item.input_path, item.target_path, item.rule, crop_window), self.patch_size)
         return crop_sample(tile, 0, 0, self.patch_size, item.item_id)
 
     def __iter__(self) -> Iterator[dict]:

@@ -1,0 +1,110 @@
+"""The pixel rule: which source bands are R, G, B, how their values map to the model's 0..255, which
+pixels are valid. Numpy alone: the numpy runtime (and the QGIS plugin through it) applies this same
+rule to raw rasters, so the pixels the model sees are the same in training, evaluation and segmentation.
+
+Validity, one rule everywhere: a pixel is invalid when the declared alpha band is 0 there, or the
+raster's own per-dataset mask says so, or all three selected bands equal the nodata value (NaN counts
+as nodata in float rasters). Invalid pixels keep their scaled values; callers mask them.
+
+Scaling: uint8 sources without a ``value_range`` pass through unchanged. Any other source needs
+``value_range: (lo, hi)``: ``v -> clip(rint((v - lo) * 255 / (hi - lo)), 0, 255)``, computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DEFAULT_BANDS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class PixelRule:
+    """How one dataset's raw input bands become model pixels. Band numbers are 1-based, like GDAL's."""
+
+    bands: tuple[int, int, int] = DEFAULT_BANDS
+    alpha_band: int | None = None
+    nodata: float | None = None  # used where the raster declares no nodata of its own
+    value_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.bands) != 3 or any(band < 1 for band in self.bands):
+            raise ValueError(f"bands {self.bands}: need three 1-based band numbers (R, G, B)")
+        if self.alpha_band is not None and (self.alpha_band < 1 or self.alpha_band in self.bands):
+            raise ValueError(f"alpha_band {self.alpha_band}: must be a 1-based band that is not one of {self.bands}")
+        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
+            raise ValueError(f"value_range {self.value_range}: lo must be below hi")
+
+    @property
+    def indexes(self) -> tuple[int, ...]:
+        """The bands to read, in order: R, G, B, then the alpha band if declared."""
+        return self.bands if self.alpha_band is None else (*self.bands, self.alpha_band)
+
+    @property
+    def band_count_needed(self) -> int:
+        return max(self.indexes)
+
+    def check_dtype(self, dtype: str) -> None:
+        """A source dtype this rule cannot bring to uint8 is a ValueError naming the missing rule."""
+        if self.value_range is None and dtype != "uint8":
+            raise ValueError(f"dtype {dtype} has no scaling rule: declare value_range [lo, hi] (uint8 passes through)")
+
+    def apply(
+        self, raw: np.ndarray, nodata: float | None = None, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``raw`` [len(indexes), H, W] as read in ``indexes`` order -> (uint8 RGB [3, H, W], valid [H, W] or None).
+
+        ``nodata`` is the raster's own nodata value (the rule's is the fallback); ``mask`` its
+        per-dataset mask (True = valid), if it has one. ``valid`` None means every pixel is valid.
+        """
+        rgb = raw[:3]
+        self.check_dtype(rgb.dtype.name)
+        return self.to_uint8(rgb), self.valid_mask(raw, nodata, mask)
+
+    def valid_mask(
+        self, raw: np.ndarray, nodata: float | None = None, mask: np.ndarray | None = None
+    ) -> np.ndarray | None:
+        """The validity rule alone (see the module docstring); None means every pixel is valid."""
+        rgb = raw[:3]
+        valid = None if self.alpha_band is None else raw[3] > 0
+        if mask is not None:
+            valid = mask if valid is None else valid & mask
+        nodata = self.nodata if nodata is None else nodata
+        if nodata is not None:
+            empty = np.isnan(rgb).all(axis=0) if np.isnan(nodata) else (rgb == nodata).all(axis=0)
+            valid = ~empty if valid is None else valid & ~empty
+        if rgb.dtype.kind == "f":
+            finite = np.isfinite(rgb).all(axis=0)
+            valid = finite if valid is None else valid & finite
+        return valid
+
+    def to_uint8(self, rgb: np.ndarray) -> np.ndarray:
+        """Source values -> the model's uint8 domain (see the module docstring)."""
+        if self.value_range is None:
+            return np.ascontiguousarray(rgb, dtype=np.uint8)
+        lo, hi = self.value_range
+        scaled = (rgb.astype(np.float64) - lo) * (255.0 / (hi - lo))
+        scaled = np.nan_to_num(scaled, nan=0.0)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (``meta.json``'s input rules)."""
+        return {
+            "bands": list(self.bands),
+            "alpha_band": self.alpha_band,
+            "nodata": self.nodata,
+            "value_range": None if self.value_range is None else list(self.value_range),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PixelRule:
+        value_range = data.get("value_range")
+        return cls(
+            bands=tuple(int(band) for band in data.get("bands", DEFAULT_BANDS)),
+            alpha_band=data.get("alpha_band"),
+            nodata=data.get("nodata"),
+            value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
+        )

@@ -1,0 +1,245 @@
+"""Rasterio I/O under the pixel rule: the one way every stage reads pixels.
+
+- ``open_raster``: open a file or fail with a ``DatasetError`` naming it.
+- ``RasterFacts`` / ``raster_facts``: what a file's metadata says; ``check_against`` compares them with a
+  header modality; ``check_target_fits`` a target with its input.
+- ``read_item``: the model pixels (uint8 RGB), validity and labels of a whole raster or of one window,
+  reading only that window. Shard building, the loaders, evaluation and ``runtime_export.segment`` all
+  read through it (``InputReader`` keeps one raster open for many windows).
+- ``read_blocks``: a raster's raw values in row strips of bounded size (validation, copying).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+
+from training_core.datasets.errors import DatasetError
+from training_core.datasets.pixels import DEFAULT_BANDS, PixelRule
+from training_core.datasets.schema import Modality
+
+# Pixels read per block when streaming a raster: bounds memory for rasters of any size.
+BLOCK_BYTES = 32 * 1024 * 1024
+LABEL_DTYPE_KINDS = "ui"  # targets hold integer class values
+
+
+@dataclass(frozen=True)
+class RasterFacts:
+    path: Path
+    count: int
+    dtype: str
+    height: int
+    width: int
+    crs: str | None
+    georeferenced: bool
+    nodata: float | None
+    colorinterp: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Pixels of a raster (or of a window of it) in the model's domain."""
+
+    image: np.ndarray  # uint8 [3, H, W]
+    target: np.ndarray | None  # integer [H, W], 0 = ignore (also under invalid input pixels)
+    valid: np.ndarray | None  # bool [H, W]; None = every pixel valid (no allocation)
+
+    @property
+    def height(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.image.shape[2]
+
+
+def open_raster(path: str | Path) -> rasterio.DatasetReader:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError:
+        raise DatasetError(f"{path}: cannot open as a GeoTIFF (missing, truncated or not a TIFF)") from None
+
+
+def raster_facts(src: rasterio.DatasetReader, path: Path) -> RasterFacts:
+    dtypes = set(src.dtypes)
+    if len(dtypes) != 1:
+        raise DatasetError(f"{path}: dtype: bands have different dtypes {sorted(dtypes)}")
+    crs = src.crs.to_string() if src.crs else None
+    georeferenced = crs is not None and not src.transform.is_identity
+    return RasterFacts(
+        path,
+        src.count,
+        src.dtypes[0],
+        src.height,
+        src.width,
+        crs,
+        georeferenced,
+        src.nodata,
+        tuple(interp.name for interp in src.colorinterp),
+    )
+
+
+def infer_bands(colorinterp: Sequence[str]) -> tuple[list[int], int | None]:
+    """(R, G, B band numbers, alpha band or None) from GDAL's colour interpretation; the first three bands
+    when it names no red, green and blue (e.g. NAIP's RGBN, whose bands GDAL calls gray/undefined)."""
+    where = {name: number for number, name in enumerate(colorinterp, start=1)}
+    rgb = [where.get(name.name) for name in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
+    bands = rgb if None not in rgb else list(DEFAULT_BANDS)
+    alpha = where.get(ColorInterp.alpha.name)
+    return bands, alpha if alpha not in bands else None
+
+
+def check_against(facts: RasterFacts, modality: Modality) -> None:
+    """A file's metadata against its modality; the error names the file, the field and the problem."""
+    where = f"{facts.path}: modality {modality.name!r}:"
+    if modality.role == "input":
+        rule = modality.pixel_rule()
+        if facts.count < rule.band_count_needed:
+            raise DatasetError(f"{where} bands: has {facts.count} bands, the header reads bands {list(rule.indexes)}")
+        try:
+            rule.check_dtype(facts.dtype)
+        except ValueError as exc:
+            raise DatasetError(f"{where} {exc}") from None
+    else:
+        if facts.count != 1:
+            raise DatasetError(f"{where} channels: has {facts.count} bands, a target has 1")
+        if np.dtype(facts.dtype).kind not in LABEL_DTYPE_KINDS:
+            raise DatasetError(f"{where} dtype: is {facts.dtype}, a target holds integer labels")
+    if modality.channels is not None and facts.count != modality.channels:
+        raise DatasetError(f"{where} channels: has {facts.count} bands, expected {modality.channels}")
+    if modality.dtype is not None and facts.dtype != modality.dtype:
+        raise DatasetError(f"{where} dtype: is {facts.dtype}, expected {modality.dtype}")
+    if modality.georef_required and not facts.georeferenced:
+        raise DatasetError(f"{where} georef_required: the file has no CRS/geotransform")
+    if modality.crs is not None and facts.crs is not None and facts.crs not in modality.crs:
+        raise DatasetError(f"{where} crs: is {facts.crs}, expected one of {modality.crs}")
+
+
+def check_target_fits(target: RasterFacts, input_: RasterFacts) -> None:
+    if (target.height, target.width) != (input_.height, input_.width):
+        raise DatasetError(
+            f"{target.path}: size: target is {target.width}x{target.height} (WxH) but its input "
+            f"{input_.path} is {input_.width}x{input_.height}"
+        )
+    if target.crs != input_.crs and target.crs is not None and input_.crs is not None:
+        raise DatasetError(f"{target.path}: crs: target is in {target.crs} but its input {input_.path} in {input_.crs}")
+
+
+def has_mask_band(src: rasterio.DatasetReader) -> bool:
+    """The raster carries its own per-dataset mask (an internal or .msk mask band, not alpha or nodata)."""
+    return src.mask_flag_enums[0] == [MaskFlags.per_dataset]
+
+
+class InputReader:
+    """One input raster opened for windowed reads under a pixel rule."""
+
+    def __init__(self, path: str | Path, rule: PixelRule) -> None:
+        self.path = Path(path)
+        self.rule = rule
+        self.src = open_raster(path)
+        try:
+            if self.src.count < rule.band_count_needed:
+                raise DatasetError(
+                    f"{path}: bands: has {self.src.count} bands, the rule reads bands {list(rule.indexes)}"
+                )
+            try:
+                rule.check_dtype(self.src.dtypes[0])
+            except ValueError as exc:
+                raise DatasetError(f"{path}: {exc}") from None
+            self._mask_band = has_mask_band(self.src)
+        except BaseException:
+            self.src.close()
+            raise
+
+    @property
+    def height(self) -> int:
+        return self.src.height
+
+    @property
+    def width(self) -> int:
+        return self.src.width
+
+    def read(self, window: Window | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(uint8 RGB [3, h, w], valid [h, w] or None) of ``window`` (None: the whole raster)."""
+        try:
+            raw = self.src.read(self.rule.indexes, window=window)
+            mask = self.src.read_masks(1, window=window) > 0 if self._mask_band else None
+        except RasterioError:
+            raise DatasetError(f"{self.path}: cannot read pixels (truncated or corrupt TIFF?)") from None
+        return self.rule.apply(raw, nodata=self.src.nodata, mask=mask)
+
+    def close(self) -> None:
+        self.src.close()
+
+    def __enter__(self) -> InputReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def read_labels(path: str | Path, window: Window | None, shape: tuple[int, int]) -> np.ndarray:
+    """A target's first band over ``window`` (its nodata as 0, ignored); its size must be ``shape``."""
+    with open_raster(path) as tgt:
+        if (tgt.height, tgt.width) != shape:
+            raise DatasetError(
+                f"{path}: size: target is {tgt.width}x{tgt.height} (WxH) but its input is {shape[1]}x{shape[0]}"
+            )
+        try:
+            labels = tgt.read(1, window=window)
+        except RasterioError:
+            raise DatasetError(f"{path}: cannot read pixels (truncated or corrupt TIFF?)") from None
+        if tgt.nodata is not None:
+            labels[labels == tgt.nodata] = 0
+    return labels
+
+
+def read_item(
+    input_path: str | Path,
+    target_path: str | Path | None,
+    rule: PixelRule,
+    choose_window: Callable[[int, int], Window] | None = None,
+) -> Tile:
+    """Model pixels, validity and labels of a whole raster, or of the window ``choose_window(height, width)``
+    picks once the raster's size is known (one open, and only that window's pixels read). Labels under
+    invalid input pixels are 0 (ignored)."""
+    with InputReader(input_path, rule) as reader:
+        window = None if choose_window is None else choose_window(reader.height, reader.width)
+        image, valid = reader.read(window)
+        shape = (reader.height, reader.width)
+    target = None
+    if target_path is not None:
+        target = read_labels(target_path, window, shape)
+        if valid is not None:
+            target[~valid] = 0
+    return Tile(image=image, target=target, valid=valid)
+
+
+def read_blocks(src: rasterio.DatasetReader) -> Iterator[tuple[Window, np.ndarray]]:
+    """All bands' raw values in row strips of at most BLOCK_BYTES; a truncated file fails here, named."""
+    row_bytes = src.width * src.count * np.dtype(src.dtypes[0]).itemsize
+    rows = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for top in range(0, src.height, rows):
+        window = Window(0, top, src.width, min(rows, src.height - top))
+        try:
+            block = src.read(window=window)
+        except RasterioError:
+            raise DatasetError(f"{src.name}: cannot read pixels (truncated or corrupt TIFF?)") from None
+        yield window, block
+
+
+def distinct_values(block: np.ndarray) -> set[int]:
+    """Distinct pixel values; bincount for small unsigned ints is ~10x faster than np.unique on masks."""
+    if block.dtype in (np.uint8, np.uint16):
+        return set(np.flatnonzero(np.bincount(block.ravel())).tolist())
+    return {int(v) for v in np.unique(block)}
