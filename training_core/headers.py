@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(summary))
             else:
                 print("---\n" + header_to_yaml(header), end="")
-    except DatasetError as exc:
+    except (DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import rasterio
+from rasterio.errors import RasterioError
 
 from training_core.atomic import verify_raster
 from training_core.datasets.discovery import DatasetItem, dataset_content_hash, discover_datasets, discover_items
@@ -214,14 +215,17 @@ def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, shard
         profile["compress"] = src.compression.value
     mask_band = has_mask_band(src)
     values: set[int] = set()
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
-        out.colorinterp = src.colorinterp
-        for window, block in read_blocks(src):
-            out.write(block, window=window)
-            if mask_band:
-                out.write_mask(src.read_masks(1, window=window), window=window)
-            if modality.role == "target":
-                values |= distinct_values(block)
+    try:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
+            out.colorinterp = src.colorinterp
+            for window, block in read_blocks(src):
+                out.write(block, window=window)
+                if mask_band:
+                    out.write_mask(src.read_masks(1, window=window), window=window)
+                if modality.role == "target":
+                    values |= distinct_values(block)
+    except RasterioError as exc:
+        raise OSError(f"{dst}: cannot write the tile (disk full?): {exc}") from None
     verify_raster(dst, full=False)
     return values
 
@@ -645,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
             )
             print(json.dumps(report.to_dict()))
-    except DatasetError as exc:
+    except (DatasetError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
