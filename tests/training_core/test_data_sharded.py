@@ -95,7 +95,17 @@ def test_small_tiles_padded_large_tiles_cropped(processed_root: Path) -> None:
     samples = {s["item_id"]: s for s in ShardDataset(processed_root, split="train", patch_size=300)}
     kampala = next(s for item_id, s in samples.items() if item_id.startswith("kampala_buildings/"))
     assert kampala["image"].shape == (3, 300, 300)
-    assert int(kampala["valid"].sum()) == 256 * 256  # the 256 x 256 tile, reflected into a 300 patch
+    # The 256 x 256 tile reflected into a 300 patch; valid where the tile's own mask band says so (kampala's
+    # tiles carry one, which the shards keep).
+    item_id = kampala["item_id"].split("/", 1)[1]
+    (shard_dir, entry), *_ = [
+        pair for pair in iter_split_items(processed_root, "kampala_buildings", "train") if pair[1].item_id == item_id
+    ]
+    with rasterio.open(shard_dir / entry.input) as src:
+        mask_valid = int((src.dataset_mask() > 0).sum())
+    assert 256 * 256 - 100 < mask_valid < 256 * 256
+    assert int(kampala["valid"].sum()) == mask_valid
+    assert not bool(kampala["valid"][256:].any()) and not bool(kampala["valid"][:, 256:].any())
     scene = samples["unlabeled_scenes/RGB.byte"]  # 791 x 718 with a nodata collar
     assert scene["image"].shape == (3, 300, 300) and "target" not in scene
 

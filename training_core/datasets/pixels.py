@@ -86,7 +86,7 @@ class PixelRule:
         if self.value_range is None:
             return np.ascontiguousarray(rgb, dtype=np.uint8)
         lo, hi = self.value_range
-        scaled = (rgb.astype(np.float64) - lo) * (255.0 / (hi - lo))
+        scaled = (rgb.astype(np.float64) - lo) * 255.0 / (hi - lo)
         scaled = np.nan_to_num(scaled, nan=0.0)
         return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
