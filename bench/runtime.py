@@ -37,7 +37,7 @@ TARGETS = {"ratio_max": 2.0, "agreement_min": 0.999, "peak_rss_mb_max": 1536}
 # The child reports its own VmHWM (Linux): ru_maxrss survives exec, so a child forked from this
 # torch-sized process would report this process's size.
 SEGMENT_AND_REPORT_RSS = (
-    "import json, re, sys; from runtime_export.segment import main; main(sys.argv[1:]); "
+    "import json, re, sys; from runtime_export.segment import main; assert main(sys.argv[1:]) == 0; "
     "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
     "print(json.dumps({'peak_rss_mb': int(hwm) / 1024}))"
 )

@@ -4,8 +4,9 @@
 
 Pixels are read through the pixel rule (``training_core.datasets.rasters.InputReader``), as in
 training: the rule of the dataset ``--dataset`` names, else the model's rule for the raster's dtype,
-else R, G, B (and alpha) from the file's colour interpretation (``runtime.select_input_rule``);
-``--bands``, ``--alpha-band`` and ``--value-range`` override fields of that rule.
+else R, G, B (and alpha) from the file's colour interpretation (``runtime.select_input_rule``). A
+file's own alpha band is honoured when the rule declares none; ``--bands``, ``--alpha-band`` and
+``--value-range`` override fields of the rule.
 
 Per-tile clustering would number clusters differently in every tile, so this runs in two passes:
 
@@ -27,13 +28,12 @@ only then renamed into place (``training_core.atomic``): a full disk never repla
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,17 +117,21 @@ def choose_input_rule(
     with open_raster(input_path) as src:
         dtype, colorinterp = src.dtypes[0], [interp.name for interp in src.colorinterp]
     rule = select_input_rule(meta, dtype, dataset_id, own_value_range=overrides.value_range is not None)
-    if rule is not None:
-        source = f"dataset {dataset_id}" if dataset_id is not None else f"model input_rules for {dtype}"
+    bands, file_alpha = infer_bands(colorinterp)
+    if rule is None:
+        rule, source = PixelRule(bands=tuple(bands), alpha_band=file_alpha), "file colour interpretation"
     else:
-        bands, alpha_band = infer_bands(colorinterp)
-        rule, source = PixelRule(bands=tuple(bands), alpha_band=alpha_band), "file colour interpretation"
+        source = f"dataset {dataset_id}" if dataset_id is not None else f"model input_rules for {dtype}"
+        # The file's own alpha band marks invalid pixels, as its mask and nodata do (an RGBA export of
+        # an RGB dataset): added unless the rule declares one.
+        if rule.alpha_band is None and file_alpha is not None and file_alpha not in rule.bands:
+            rule, source = replace(rule, alpha_band=file_alpha), f"{source}, the file's alpha band"
     changes = {key: value for key, value in asdict(overrides).items() if value is not None}
     if not changes:
         return rule, source
     if changes.get("alpha_band") == 0:
         changes["alpha_band"] = None
-    return dataclasses.replace(rule, **changes), f"{source}, overridden: {', '.join(sorted(changes))}"
+    return replace(rule, **changes), f"{source}, overridden: {', '.join(sorted(changes))}"
 
 
 def _read_tile(reader: InputReader, window: Window, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -240,9 +244,11 @@ def segment_raster(
                             labels[invalid] = nodata_label
                             nodata_pixels += int(invalid.sum())
                         dst.write(labels[None], window=tile.core)
-            except (RasterioError, CPLE_BaseError) as exc:
-                raise OSError(f"{output_path}: cannot write the labels (disk full?): {exc}") from None
-            verify_raster(tmp)  # GDAL may report a failed write on stderr only and close cleanly
+                verify_raster(tmp)  # GDAL may report a failed write on stderr only and close cleanly
+            except (RasterioError, CPLE_BaseError, OSError) as exc:
+                raise OSError(
+                    f"{output_path}: cannot write the labels, a previous file is left as it was: {exc}"
+                ) from None
     wall = time.perf_counter() - started
     return SegmentReport(
         input=str(input_path),

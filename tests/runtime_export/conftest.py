@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 
 from runtime_export.export import export_model
 from training_core.config import ModelConfig, TrainConfig
+from training_core.datasets.pixels import PixelRule
 from training_core.model import SegmentationModel
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
@@ -58,8 +61,19 @@ def model(learned_config: TrainConfig, sample_tiles: list[np.ndarray]) -> Segmen
     return calibrated_model(learned_config, sample_tiles)
 
 
+QUEBEC_RULE = {"dtype": "uint8", **PixelRule().to_dict()}
+
+
 @pytest.fixture(scope="session")
 def artifact_dir(tmp_path_factory: pytest.TempPathFactory, model: SegmentationModel, learned_config) -> Path:
     lineage = {"dataset_ids": ["quebec_buildings"], "data_versions": {"quebec_buildings": "abc"}}
     out_dir = tmp_path_factory.mktemp("artifact") / "model"
-    return export_model(model, learned_config, out_dir, lineage, {"val_miou": 0.5})
+    rules = {"quebec_buildings": QUEBEC_RULE}
+    return export_model(model, learned_config, out_dir, lineage, {"val_miou": 0.5}, rules)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)

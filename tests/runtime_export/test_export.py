@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
+from affine import Affine
 
 from runtime_export import export as export_module
-from runtime_export.export import PROMOTION_METRIC, config_hash, export_artifact, export_model, promote_if_better
+from runtime_export.export import (
+    PROMOTION_METRIC,
+    config_hash,
+    export_artifact,
+    export_model,
+    input_rules_of,
+    promote_if_better,
+)
 from runtime_export.parity import runtime_parity
-from runtime_export.runtime import RUNTIME_VERSION, load_runtime_model
+from runtime_export.runtime import RUNTIME_VERSION, load_runtime_model, select_input_rule
 from training_core.checkpoint import save_checkpoint
+from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
+from training_core.shards import build_shards
+
+from .conftest import QUEBEC_RULE
 
 
 def test_artifact_contents(artifact_dir: Path, learned_config) -> None:
@@ -29,6 +43,7 @@ def test_artifact_contents(artifact_dir: Path, learned_config) -> None:
     assert (meta["luminance_weight"], meta["chroma_weight"]) == (0.5, 1.0)
     assert meta["stride"] == 4 and meta["input_scale"] == 1 / 255
     assert meta["input_mean"] == model.input_mean and meta["input_std"] == model.input_std
+    assert meta["input_rules"] == {"quebec_buildings": QUEBEC_RULE}
     lineage = meta["lineage"]
     assert lineage["dataset_ids"] == ["quebec_buildings"] and lineage["data_versions"] == {"quebec_buildings": "abc"}
     assert lineage["config_hash"] == config_hash(learned_config) and len(lineage["config_hash"]) == 64
@@ -122,3 +137,41 @@ def test_smoke_export_cli_is_reproducible(tmp_path: Path, capsys) -> None:
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert (meta["embed_dim"], meta["max_k"], meta["lineage"]["checkpoint_step"]) == (8, 4, 1)
     assert load_runtime_model(tmp_path / "a").predict_labels(np.zeros((3, 32, 32), np.uint8), 4).shape == (32, 32)
+
+
+def test_input_rules_of_built_datasets(tmp_path: Path, model, learned_config) -> None:
+    images = tmp_path / "extracted" / "naip" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    geo = {"crs": "EPSG:3857", "transform": Affine(1, 0, 500, 0, -1, 900), "width": 32, "height": 32}
+    for name in ("a", "b"):
+        with rasterio.open(
+            images / f"{name}.tif", "w", driver="GTiff", count=4, dtype="uint16", nodata=0, **geo
+        ) as dst:
+            dst.write(rng.integers(300, 4000, (4, 32, 32), dtype=np.uint16))
+    processed = tmp_path / "processed"
+    build_shards(tmp_path / "extracted", processed, "naip", workers=1)
+    header_path = processed / "naip" / HEADER_FILENAME
+    header = load_header(header_path)
+    expected = {"naip": {"dtype": "uint16", **header.pixel_rule.to_dict()}}
+    assert header.pixel_rule.value_range is not None and header.pixel_rule.nodata == 0
+    assert input_rules_of(processed, ["naip"]) == expected
+    # A header that does not declare the input dtype (committed by hand): the built tiles tell it.
+    undeclared = [modality.model_copy(update={"dtype": None}) for modality in header.modalities]
+    dump_header(header.model_copy(update={"modalities": undeclared}), header_path)
+    assert input_rules_of(processed, ["naip", "naip"]) == expected
+    artifact = export_model(model, learned_config, tmp_path / "artifact", {}, {}, expected)
+    assert select_input_rule(load_runtime_model(artifact).meta, "uint16") == header.pixel_rule
+
+
+def test_artifacts_have_ordinary_permissions(tmp_path: Path, model, learned_config, umask_022) -> None:
+    def modes(folder: Path) -> list[int]:
+        return [stat.S_IMODE(folder.stat().st_mode), *(stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir())]
+
+    candidate = export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    assert modes(candidate) == [0o755, 0o644, 0o644, 0o644]
+    export_model(model, learned_config, candidate, {}, {PROMOTION_METRIC: 0.2})  # replacing one
+    assert modes(candidate) == [0o755, 0o644, 0o644, 0o644]
+    assert promote_if_better(candidate, tmp_path / "best")
+    assert modes((tmp_path / "best").resolve()) == [0o755, 0o644, 0o644, 0o644]
+    assert stat.S_IMODE((tmp_path / ".best-versions").stat().st_mode) == 0o755

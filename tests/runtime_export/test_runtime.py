@@ -13,14 +13,24 @@ import pytest
 import torch
 
 from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
-from runtime_export.runtime import RUNTIME_VERSION, ArtifactError, load_runtime_model, upsample_argmax
+from runtime_export.runtime import (
+    RUNTIME_VERSION,
+    ArtifactError,
+    load_runtime_model,
+    select_input_rule,
+    upsample_argmax,
+)
 from training_core.config import ModelConfig, TrainConfig
+from training_core.datasets.pixels import PixelRule
 
 from .conftest import calibrated_model
 
 
-def test_import_does_not_pull_torch() -> None:
-    code = "import sys, runtime_export.runtime; assert 'torch' not in sys.modules, sorted(sys.modules)"
+def test_import_pulls_neither_torch_nor_rasterio() -> None:
+    code = (
+        "import sys, runtime_export.runtime; "
+        "assert not {'torch', 'rasterio'} & {name.split('.')[0] for name in sys.modules}, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -183,3 +193,75 @@ def test_bad_meta_values(artifact_dir: Path, tmp_path: Path, key: str, value, me
     _rewrite_meta(artifact, **{key: value})
     with pytest.raises(ArtifactError, match=f"meta.json: {message}"):
         load_runtime_model(artifact)
+
+
+def test_meta_records_the_input_rules(artifact_dir: Path) -> None:
+    meta = load_runtime_model(artifact_dir).meta
+    assert meta["runtime_version"] == "segpipe-numpy-runtime/3"
+    assert meta["input_rules"] == {"quebec_buildings": {"dtype": "uint8", **PixelRule().to_dict()}}
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ([], "input_rules must be an object"),
+        ({"a": [1, 2, 3]}, "input_rules.a must be an object"),
+        ({"a": PixelRule().to_dict()}, "input_rules.a.dtype must be the input's dtype name"),
+        ({"a": {"dtype": "uint8", "bands": [1, 2]}}, r"input_rules.a: not a pixel rule \(bands"),
+        ({"a": {"dtype": "uint8", "value_range": 7}}, "input_rules.a: not a pixel rule"),
+        ({"a": {"dtype": "uint16", **PixelRule().to_dict()}}, "input_rules.a: not a pixel rule.*value_range"),
+    ],
+)
+def test_bad_input_rules(artifact_dir: Path, tmp_path: Path, rules: object, message: str) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_meta(artifact, input_rules=rules)
+    with pytest.raises(ArtifactError, match=f"meta.json: {message}"):
+        load_runtime_model(artifact)
+
+
+def test_meta_without_input_rules_is_refused(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    meta = json.loads((artifact / "meta.json").read_text())
+    del meta["input_rules"]
+    (artifact / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"meta.json: missing keys \['input_rules'\]"):
+        load_runtime_model(artifact)
+
+
+NAIP = PixelRule(bands=(1, 2, 3), nodata=0, value_range=(0, 4095))
+S2_L1C = PixelRule(bands=(4, 3, 2), value_range=(0, 3000))
+S2_L2A = PixelRule(bands=(4, 3, 2), value_range=(1000, 4000))
+RULES_META = {
+    "input_rules": {
+        "quebec": {"dtype": "uint8", **PixelRule().to_dict()},
+        "naip_2020": {"dtype": "uint16", **NAIP.to_dict()},
+        "naip_2022": {"dtype": "uint16", **NAIP.to_dict()},
+        "s2_l1c": {"dtype": "int16", **S2_L1C.to_dict()},
+        "s2_l2a": {"dtype": "int16", **S2_L2A.to_dict()},
+    }
+}
+
+
+def test_select_input_rule_by_dataset_id() -> None:
+    assert select_input_rule(RULES_META, "uint8", "s2_l2a") == S2_L2A  # the id wins over the dtype
+    with pytest.raises(
+        ArtifactError, match=r"'nope'.*known: \['naip_2020', 'naip_2022', 'quebec', 's2_l1c', 's2_l2a'\]"
+    ):
+        select_input_rule(RULES_META, "uint16", "nope")
+
+
+def test_select_input_rule_by_dtype() -> None:
+    assert select_input_rule(RULES_META, "uint8") == PixelRule()
+    assert select_input_rule(RULES_META, "uint16") == NAIP  # two datasets, one distinct rule
+    with pytest.raises(ValueError, match=r"different pixel rules: pass --dataset, one of \['s2_l1c', 's2_l2a'\]"):
+        select_input_rule(RULES_META, "int16")
+
+
+def test_select_input_rule_for_data_the_model_never_saw() -> None:
+    assert select_input_rule({"input_rules": {}}, "uint8") is None  # the file's own band layout
+    assert select_input_rule({"input_rules": {"n": RULES_META["input_rules"]["naip_2020"]}}, "uint8") is None
+    with pytest.raises(ValueError, match=r"no float32 data \(its inputs: int16, uint16, uint8\).*--value-range"):
+        select_input_rule(RULES_META, "float32")
+    assert select_input_rule(RULES_META, "float32", own_value_range=True) is None
+    with pytest.raises(ValueError, match="no uint16 data .*synthetic"):
+        select_input_rule({"input_rules": {}}, "uint16")

@@ -1,8 +1,14 @@
-"""Whole-raster segmentation: one prototype set, seam-free tiling, nodata, georeferencing, atomic output."""
+"""Whole-raster segmentation: one prototype set, seam-free tiling, nodata, georeferencing, the pixel rule,
+atomic output with ordinary permissions."""
 
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +21,39 @@ from runtime_export.export import export_model
 from runtime_export.runtime import load_runtime_model
 from runtime_export.segment import main, segment_raster, tile_windows
 from training_core.config import ModelConfig, TrainConfig
+from training_core.datasets.pixels import PixelRule
+from training_core.model import SegmentationModel
 
-from .conftest import SAMPLE_ROOT, calibrated_model
+from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb
 
 # 791 x 718 (not multiples of 4), EPSG:32618, nodata=0 collar around the scene.
 SCENE = SAMPLE_ROOT / "unlabeled_scenes" / "images" / "RGB.byte.tif"
 
 
+SMALL_CONFIG = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8, luminance_weight=0.5, chroma_weight=1.0))
+# A NAIP-like 4-band (R, G, B, NIR) uint16 dataset: model pixel v is stored as v * 40 + 300.
+UINT16_RULE = PixelRule(bands=(1, 2, 3), nodata=0, value_range=(300, 255 * 40 + 300))
+
+
 @pytest.fixture(scope="module")
-def small_artifact(tmp_path_factory: pytest.TempPathFactory, sample_tiles) -> Path:
-    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8, luminance_weight=0.5, chroma_weight=1.0))
-    model = calibrated_model(config, sample_tiles, seed=1)
-    return export_model(model, config, tmp_path_factory.mktemp("seg") / "model", {}, {})
+def small_model(sample_tiles) -> SegmentationModel:
+    return calibrated_model(SMALL_CONFIG, sample_tiles, seed=1)
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory: pytest.TempPathFactory, small_model: SegmentationModel) -> Path:
+    """Trained on synthetic tiles: no input rules."""
+    return export_model(small_model, SMALL_CONFIG, tmp_path_factory.mktemp("seg") / "model", {}, {})
+
+
+@pytest.fixture(scope="module")
+def naip_artifact(tmp_path_factory: pytest.TempPathFactory, small_model: SegmentationModel) -> Path:
+    """The same weights, trained on the uint16 dataset ``naip`` and the uint8 RGB dataset ``quebec``."""
+    rules = {
+        "naip": {"dtype": "uint16", **UINT16_RULE.to_dict()},
+        "quebec": {"dtype": "uint8", **PixelRule().to_dict()},
+    }
+    return export_model(small_model, SMALL_CONFIG, tmp_path_factory.mktemp("seg") / "model", {}, {}, rules)
 
 
 def test_tiles_cover_the_raster_once() -> None:
@@ -102,3 +129,129 @@ def test_failure_leaves_no_output(small_artifact: Path, tmp_path: Path, monkeypa
     with pytest.raises(RuntimeError, match="disk full"):
         segment_raster(load_runtime_model(small_artifact), rgb, tmp_path / "out.tif", k=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+
+
+BORDER = 12  # invalid pixels around the synthetic scenes
+
+
+@pytest.fixture(scope="module")
+def scene_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """The same scene as a 4-band uint16 raster with a nodata=0 border, and as the uint8 RGBA raster the
+    uint16 rule makes of it (``PixelRule.to_uint8`` by hand, the border in the alpha band); and its validity."""
+    folder = tmp_path_factory.mktemp("scenes")
+    rgb = read_rgb(SAMPLE_ROOT / "quebec_buildings/images/tile_1.tif")[:, :300, :270]
+    valid = np.zeros(rgb.shape[1:], bool)
+    valid[BORDER:-BORDER, BORDER:-BORDER] = True
+    raw = rgb.astype(np.uint16) * 40 + 300
+    nir = (raw[0] // 2 + 1000)[None]
+    raw16 = np.where(valid, np.concatenate([raw, nir]), 0).astype(np.uint16)
+    geo = {"crs": "EPSG:3857", "transform": Affine(1, 0, 500, 0, -1, 900), "height": 300, "width": 270}
+    uint16_path = folder / "naip.tif"
+    with rasterio.open(uint16_path, "w", driver="GTiff", count=4, dtype="uint16", nodata=0, **geo) as dst:
+        dst.write(raw16)
+    scaled = UINT16_RULE.to_uint8(raw16[:3])
+    alpha = np.where(valid, 255, 0).astype(np.uint8)[None]
+    uint8_path = folder / "rgba.tif"
+    rgba = {"count": 4, "dtype": "uint8", "photometric": "RGB", "alpha": "YES"}
+    with rasterio.open(uint8_path, "w", driver="GTiff", **rgba, **geo) as dst:
+        dst.write(np.concatenate([scaled, alpha]))
+    return uint16_path, uint8_path, valid
+
+
+def _labels(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def test_uint16_four_band_input_reads_as_its_uint8_twin(naip_artifact: Path, scene_pair, tmp_path: Path) -> None:
+    uint16_path, uint8_path, valid = scene_pair
+    model = load_runtime_model(naip_artifact)
+    wide = segment_raster(model, uint16_path, tmp_path / "wide.tif", k=5, tile_size=128)
+    narrow = segment_raster(model, uint8_path, tmp_path / "narrow.tif", k=5, tile_size=128)
+    assert (wide.rule, wide.rule_source) == (UINT16_RULE.to_dict(), "model input_rules for uint16")
+    assert narrow.rule == PixelRule(alpha_band=4).to_dict()  # quebec's rule and the file's alpha band
+    assert narrow.rule_source == "model input_rules for uint8, the file's alpha band"
+    a, b = _labels(tmp_path / "wide.tif"), _labels(tmp_path / "narrow.tif")
+    assert (a[valid] == b[valid]).mean() == 1.0 and len(np.unique(a[valid])) >= 2
+    assert (a[~valid] == 255).all() and (b[~valid] == 255).all()
+    assert wide.nodata_pixels == narrow.nodata_pixels == int((~valid).sum())
+
+
+def test_cli_rule_choice_and_overrides(
+    naip_artifact: Path, small_artifact: Path, scene_pair, tmp_path: Path, capsys
+) -> None:
+    uint16_path, uint8_path, _ = scene_pair
+    reference = tmp_path / "reference.tif"
+    segment_raster(load_runtime_model(naip_artifact), uint16_path, reference, k=3)
+
+    def run(artifact: Path, *flags: str) -> tuple[int, dict | str]:
+        """(exit code, the JSON report or the stderr text)."""
+        out = tmp_path / "out.tif"
+        out.unlink(missing_ok=True)
+        code = main(["--model", str(artifact), "--output", str(out), "--k", "3", *flags])
+        captured = capsys.readouterr()
+        if code != 0:
+            assert captured.out == "" and not out.exists()
+            return code, captured.err
+        np.testing.assert_array_equal(_labels(out), _labels(reference))
+        return code, json.loads(captured.out)
+
+    code, report = run(naip_artifact, "--input", str(uint16_path), "--dataset", "naip")
+    assert code == 0 and report["rule_source"] == "dataset naip"
+    # A model that never saw uint16 data needs a value range; with it, the same labels.
+    code, error = run(small_artifact, "--input", str(uint16_path))
+    assert code == 1 and error == (
+        "error: the model was trained on no uint16 data (its inputs: uint8 synthetic tiles): "
+        "pass --value-range LO,HI to scale the values to 0..255\n"
+    )
+    code, report = run(small_artifact, "--input", str(uint16_path), "--value-range", "300,10500")
+    assert code == 0 and report["rule"] == {**UINT16_RULE.to_dict(), "nodata": None}  # the file declares nodata 0
+    assert report["rule_source"] == "file colour interpretation, overridden: value_range"
+    code, report = run(small_artifact, "--input", str(uint8_path), "--bands", "1,2,3", "--alpha-band", "4")
+    assert code == 0 and report["rule"] == PixelRule(alpha_band=4).to_dict()
+    # Errors are one line naming the problem.
+    code, error = run(naip_artifact, "--input", str(uint8_path), "--dataset", "nope")
+    assert code == 1 and error == (
+        "error: dataset 'nope': the model records no input rule for it (known: ['naip', 'quebec'])\n"
+    )
+    code, error = run(naip_artifact, "--input", str(uint8_path), "--bands", "1,2,9")
+    assert code == 1 and error == f"error: {uint8_path}: bands: has 4 bands, the rule reads bands [1, 2, 9, 4]\n"
+    code, error = run(naip_artifact, "--input", str(uint8_path), "--alpha-band", "2")
+    assert code == 1 and error.startswith("error: alpha_band 2: must be a 1-based band that is not one of (1, 2, 3)")
+
+
+def test_output_has_ordinary_permissions(small_artifact: Path, tmp_path: Path, umask_022) -> None:
+    out = tmp_path / "labels" / "out.tif"
+    segment_raster(load_runtime_model(small_artifact), SCENE, out, k=2, tile_size=1024)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert stat.S_IMODE(out.parent.stat().st_mode) == 0o755
+
+
+def _limit_file_size() -> None:
+    """Child: writes past 8 KiB fail with EFBIG (like a full disk) instead of killing the process."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+
+
+def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.tif"
+    argv = ["--model", str(small_artifact), "--input", str(SCENE), "--output", str(out), "--k", "6"]
+    assert main(argv) == 0
+    assert out.stat().st_size > 8 * 1024  # the limit below cuts a rewrite short
+    before = out.read_bytes()
+    child = subprocess.run(
+        [sys.executable, "-m", "runtime_export.segment", *argv[:-1], "7"],
+        preexec_fn=_limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 1, child
+    assert child.stdout == ""
+    # libtiff prints its own diagnostics to the process's stderr ("_tiffWriteProc: File too large."); the
+    # error is ours: one line, last.
+    errors = [line for line in child.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [child.stderr.splitlines()[-1]], child.stderr
+    assert errors[0].startswith(f"error: {out}: cannot write the labels, a previous file is left as it was: ")
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # no temp file left

@@ -142,9 +142,7 @@ def test_manifest_files_errors_name_file_and_item(tmp_path: Path) -> None:
             "metrics_train": write_list(tmp_path / "m.txt", ["l001", "l000"]),
         }
     )
-    with pytest.raises(
-        DatasetError, match=r"m.txt:2: splits.manifest_files.metrics_train: pins an item already"
-    ):
+    with pytest.raises(DatasetError, match=r"m.txt:2: splits.manifest_files.metrics_train: pins an item already"):
         read_pinned_splits(tmp_path, twice)
     unknown = header(manifest_files={"val": write_list(tmp_path / "u.txt", ["l000", "nope"])})
     with pytest.raises(
