@@ -13,12 +13,20 @@ import dagster as dg
 
 from assets.datasets import DATASETS, dataset_header, processed_shards
 from assets.resources import ProjectPaths
-from training_core.datasets.discovery import discover_items
+from training_core.datasets.discovery import DatasetItem, discover_items
 from training_core.datasets.errors import DatasetError
+from training_core.datasets.rasters import open_raster
 from training_core.datasets.scan import validate_dataset
 from training_core.datasets.schema import HEADER_FILENAME, load_header
-from training_core.shards import IndexEntry, read_index, shard_dirs, tile_problems
-from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits, split_counts
+from training_core.shards import (
+    IndexEntry,
+    entries_by_source,
+    read_index,
+    shard_dirs,
+    source_problems,
+    tile_problems,
+)
+from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits
 
 
 @dg.asset_check(asset=dataset_header, partitions_def=DATASETS, blocking=True)
@@ -35,15 +43,24 @@ def header_matches_files(context: dg.AssetCheckExecutionContext, paths: ProjectP
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
 def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """Each item of the raw dataset appears in exactly one split of the shards, and nothing else does."""
+    """Each item (source raster) of the raw dataset appears in exactly one split of the shards, and nothing
+    else does: its chips are all in that split and tile the source raster exactly (no pixel twice or lost)."""
 
     def problems(dataset_id: str) -> list[str]:
         header = load_header(paths.header_path(dataset_id))
-        expected = {item.item_id for item in discover_items(paths.dataset_dir(dataset_id), header)}
-        seen = Counter(entry.item_id for _, _, entry in index_entries(paths.processed_root, dataset_id))
-        found = [f"{item_id}: in {n} splits" for item_id, n in sorted(seen.items()) if n != 1]
-        found += [f"{item_id}: in no split" for item_id in sorted(expected - set(seen))]
-        found += [f"{item_id}: not an item of the raw dataset" for item_id in sorted(set(seen) - expected)]
+        expected = {item.item_id: item for item in discover_items(paths.dataset_dir(dataset_id), header)}
+        entries = [entry for _, _, entry in index_entries(paths.processed_root, dataset_id)]
+        listed = Counter(entry.item_id for entry in entries)
+        found = [f"{item_id}: listed {n} times" for item_id, n in sorted(listed.items()) if n != 1]
+        of_source = entries_by_source(entries)
+        found += [f"{item_id}: in no split" for item_id in sorted(expected.keys() - of_source.keys())]
+        for source, chips in sorted(of_source.items()):
+            if source not in expected:
+                found.append(f"{source}: not an item of the raw dataset")
+                continue
+            # A source listed once, whole, tiles itself: only chipped sources need their raster's size.
+            size = None if len(chips) == 1 and chips[0].window is None else raster_size(expected[source])
+            found += source_problems(source, chips, size)
         return found
 
     return per_dataset_result(partition_keys(context), problems)
@@ -51,25 +68,28 @@ def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: Proje
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
 def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """Every item sits in the split the deterministic rule gives it; with the default policy the counts
-    are exactly half-up(fraction x labeled) metrics_train, the other labeled val, the unlabeled train."""
+    """Every item (source raster, with all its chips) sits in the split the deterministic rule gives it; with
+    the default policy the counts of sources are exactly half-up(fraction x labeled) metrics_train, the other
+    labeled val, the unlabeled train."""
 
     def problems(dataset_id: str) -> list[str]:
         dataset_dir = paths.dataset_dir(dataset_id)
         header = load_header(paths.header_path(dataset_id))
         items = discover_items(dataset_dir, header)
         rule = assign_splits(items, header, read_pinned_splits(dataset_dir, header, items))
-        actual = {entry.item_id: split for split, _, entry in index_entries(paths.processed_root, dataset_id)}
+        entries = [entry for _, _, entry in index_entries(paths.processed_root, dataset_id)]
+        actual = {source: {chip.split for chip in chips} for source, chips in entries_by_source(entries).items()}
         found = [
-            f"{item_id}: in {actual.get(item_id)!r}, the rule says {split!r}"
+            f"{item_id}: in {sorted(actual.get(item_id, ())) or None}, the rule says {split!r}"
             for item_id, split in sorted(rule.items())
-            if actual.get(item_id) != split
+            if actual.get(item_id) != {split}
         ]
         policy = header.splits
         if policy.ratios is None and policy.manifest_files is None and not policy.preserve_raw_split:
             n_labeled = sum(1 for item in items if item.target_path is not None)
             expected = expected_split_counts(n_labeled, len(items) - n_labeled, policy.train_metric_fraction_of_labeled)
-            counts = split_counts(actual)
+            placed = Counter(split for splits in actual.values() for split in splits)
+            counts = {split: placed[split] for split in SPLITS}
             if counts != expected:
                 found.append(f"split counts {counts} differ from the rule's {expected}")
         return found
@@ -121,6 +141,12 @@ def index_entries(processed_root: str, dataset_id: str) -> Iterator[tuple[str, P
         for shard_dir in shard_dirs(processed_root, dataset_id, split):
             for entry in read_index(shard_dir):
                 yield split, shard_dir, entry
+
+
+def raster_size(item: DatasetItem) -> tuple[int, int]:
+    """(height, width) of an item's input raster: what its chips must tile."""
+    with open_raster(item.input_path) as src:
+        return src.height, src.width
 
 
 def entry_paths(shard_dir: Path, entries: list[IndexEntry]) -> Iterator[Path]:

@@ -87,9 +87,12 @@ def processed_shards(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
             overwrite=True,
             header_path=paths.header_path(dataset_id),
         )
-        context.log.info(f"{dataset_id}: {report.n_items} items, splits {dict(report.counts)}")
+        context.log.info(
+            f"{dataset_id}: {report.n_items} items, splits {dict(report.counts)}, tiles {dict(report.tile_counts)}"
+        )
         per_dataset[dataset_id] = {
             **{f"count_{split}": count for split, count in report.counts.items()},
+            "tiles": sum(report.tile_counts.values()),  # items written: chips of large rasters, small ones whole
             "n_items": report.n_items,
             "label_values": list(report.label_values),
             "crs": list(report.crs),

@@ -1,4 +1,5 @@
-"""The ``iou_evaluation`` asset: Hungarian-matched IoU of the trained model and the k-means-RGB baseline.
+"""The ``iou_evaluation`` asset: Hungarian-matched IoU of the trained model beside its controls (the untrained
+model of the same config, k-means on RGB, the constant predictor), at K = classes and, by majority vote, K = 8.
 
 Labels are used here and nowhere else. Every registered dataset whose shards carry labels is scored;
 the summary JSON (metrics, datasets, data versions) is what the export reads and records.
@@ -17,7 +18,15 @@ from assets.resources import ProjectPaths
 from assets.training import png_markdown, trained_model
 from training_core.atomic import atomic_write_text
 from training_core.datasets.errors import DatasetError
-from training_core.eval import BASELINE, MODEL, EvalReport, dataset_label_space, evaluate_checkpoint, render_comparison
+from training_core.eval import (
+    BASELINE,
+    MODEL,
+    UNTRAINED,
+    EvalReport,
+    dataset_label_space,
+    evaluate_checkpoint,
+    render_comparison,
+)
 from training_core.shards import read_manifest
 
 EVALUATION_GROUP = "evaluation"
@@ -32,7 +41,8 @@ class EvaluationConfig(dg.Config):
     deps=[trained_model],
     group_name=EVALUATION_GROUP,
     kinds={"scipy"},
-    description="Per-class IoU and mIoU on val (mapping fitted on metrics_train), model beside the k-means baseline.",
+    description="Per-class IoU and mIoU on val (mapping fitted on metrics_train), the model beside its controls: "
+    "the untrained model, k-means on RGB and the constant predictor.",
 )
 def iou_evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, paths: ProjectPaths
@@ -49,8 +59,8 @@ def iou_evaluation(
         reports[dataset_id] = evaluate_checkpoint(checkpoint, paths.processed_root, dataset_id, config.k, config.seed)
         pictures[dataset_id] = render_comparison(reports[dataset_id], out_dir / f"{dataset_id}.png")
         context.log.info(
-            f"{dataset_id}: K={reports[dataset_id].k} model mIoU {reports[dataset_id].miou(MODEL)} "
-            f"baseline {reports[dataset_id].miou(BASELINE)}"
+            f"{dataset_id}: K={reports[dataset_id].k} model mIoU {reports[dataset_id].miou(MODEL)}, "
+            f"untrained {reports[dataset_id].miou(UNTRAINED)}, k-means {reports[dataset_id].miou(BASELINE)}"
         )
     summary = evaluation_summary(reports, checkpoint)
     summary_path = write_json_atomic(out_dir / "summary.json", summary)
@@ -59,7 +69,10 @@ def iou_evaluation(
         metadata={
             "val_miou": metrics["val_miou"],
             "baseline_val_miou": metrics["baseline_val_miou"],
+            "untrained_val_miou": metrics["untrained_val_miou"],
             "model_beats_baseline": metrics["model_beats_baseline"],
+            "training_helped": metrics["training_helped"],
+            "controls": controls_table(reports),
             "per_class_iou": per_class_table(reports),
             "per_dataset": metrics["per_dataset"],
             "comparison": dg.MetadataValue.md(comparison_markdown(pictures)),
@@ -104,6 +117,7 @@ def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[
     per_dataset = {dataset_id: report.to_dict() for dataset_id, report in reports.items()}
     model = mean_or_none([report.miou(MODEL) for report in reports.values()])
     baseline = mean_or_none([report.miou(BASELINE) for report in reports.values()])
+    untrained = mean_or_none([report.miou(UNTRAINED) for report in reports.values()])
     return {
         "checkpoint": checkpoint,
         "datasets": sorted(reports),
@@ -111,12 +125,16 @@ def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[
         "metrics": {
             "val_miou": model,
             "baseline_val_miou": baseline,
+            "untrained_val_miou": untrained,
             "model_beats_baseline": None if model is None or baseline is None else model > baseline,
+            "training_helped": None if model is None or untrained is None else model > untrained,
             "per_dataset": {
                 dataset_id: {
                     "k": row["k"],
                     "val_miou": row["val_miou"],
                     "baseline_miou": row["baseline_miou"],
+                    "untrained_miou": row["untrained_miou"],
+                    "scores": row["scores"],
                     "mapping_fitted_on": row["mapping_fitted_on"],
                 }
                 for dataset_id, row in per_dataset.items()
@@ -124,6 +142,37 @@ def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[
         },
         "reports": per_dataset,
     }
+
+
+def controls_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
+    """Every method on every dataset: Hungarian mIoU at K = classes, majority mIoU at K = 8."""
+    rows = [
+        dg.TableRecord(
+            {
+                "dataset": dataset_id,
+                "method": method,
+                "k": report.k,
+                "hungarian_miou": _rounded(report.miou(method)),
+                "majority_k8_miou": _rounded(report.majority_k8_miou(method)),
+            }
+        )
+        for dataset_id, report in reports.items()
+        for method in report.methods
+    ]
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("dataset", "string"),
+            dg.TableColumn("method", "string"),
+            dg.TableColumn("k", "int"),
+            dg.TableColumn("hungarian_miou", "float"),
+            dg.TableColumn("majority_k8_miou", "float"),
+        ]
+    )
+    return dg.MetadataValue.table(rows, schema=schema)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:

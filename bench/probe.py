@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from training_core.checkpoint import model_from_checkpoint
-from training_core.config import STRIDE
+from training_core.config import STRIDE, TrainConfig
 from training_core.datasets.discovery import discover_datasets
 from training_core.eval import (
     BASELINE,
@@ -36,11 +36,9 @@ from training_core.eval import (
     FIT_SPLIT,
     MODEL,
     LabeledTile,
-    baseline_fit_fn,
+    SplitTiles,
     dataset_label_space,
-    evaluate_tiles,
-    model_fit_fn,
-    split_tiles,
+    evaluate_model,
 )
 from training_core.metrics import confusion_matrix, mapped_scores
 from training_core.model import SegmentationModel, colour_projection
@@ -128,13 +126,15 @@ def score_probe(
     return mapped_scores(confusion, np.arange(n_classes), ignore_leq).miou
 
 
-def probe_dataset(model: SegmentationModel, processed_root: Path, dataset_id: str, seed: int) -> dict | None:
+def probe_dataset(
+    model: SegmentationModel, config: TrainConfig, processed_root: Path, dataset_id: str, seed: int
+) -> dict | None:
     """The JSON record of one labeled dataset (None when it has no labels)."""
     n_classes, ignore_leq, data_version = dataset_label_space(processed_root, dataset_id)
     if n_classes is None:
         return None
-    fit_tiles = [t for t in split_tiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq) if t.label is not None]
-    val_tiles = [t for t in split_tiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq) if t.label is not None]
+    fit_tiles = [t for t in SplitTiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq) if t.label is not None]
+    val_tiles = [t for t in SplitTiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq) if t.label is not None]
     fit_embeddings = [embed_tile(model, tile.rgb) for tile in fit_tiles]
     val_embeddings = [embed_tile(model, tile.rgb) for tile in val_tiles]
     cell_labels = [cell_targets(tile.label, n_classes, ignore_leq) for tile in fit_tiles]
@@ -146,15 +146,7 @@ def probe_dataset(model: SegmentationModel, processed_root: Path, dataset_id: st
         cells = torch.cat([probe_inputs(e, part).flatten(1).T for e in fit_embeddings])[keep]
         probe = fit_probe(cells, targets[keep], n_classes)
         record[f"probe_{part}_miou"] = score_probe(probe, val_embeddings, val_tiles, part, n_classes, ignore_leq)
-    clustering = evaluate_tiles(
-        {MODEL: model_fit_fn(model, seed), BASELINE: baseline_fit_fn(seed)},
-        fit_tiles,
-        val_tiles,
-        max(n_classes, 2),
-        n_classes,
-        ignore_leq,
-        n_samples=0,
-    )
+    clustering = evaluate_model(model, config, processed_root, dataset_id, seed=seed, n_samples=0)
     record["model_hungarian_miou"] = clustering.miou(MODEL)
     record["kmeans_rgb_hungarian_miou"] = clustering.miou(BASELINE)
     # The share of the linearly available labels that the clustering recovers.
@@ -180,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processed = Path(tmp) / "processed"
         for dataset_id in discover_datasets(args.extracted_root):
             build_shards(args.extracted_root, processed, dataset_id)
-            record = probe_dataset(model, processed, dataset_id, args.seed)
+            record = probe_dataset(model, config, processed, dataset_id, args.seed)
             if record is not None:
                 line = {"bench": "probe", "checkpoint": str(args.checkpoint), "seed": args.seed, **record}
                 print(json.dumps(line), flush=True)

@@ -4,10 +4,9 @@ Trains on the unlabeled ``train`` tiles of every bundled sample dataset (never t
 the config's ``steps`` (the shipped defaults unless ``--config``), stopping early if the wall budget
 runs out (15 minutes by default; the defaults need about 2 on 2 idle cores), and exports the runtime
 artifact. Then for every labeled dataset it scores, side by side on the same val pixels (mapping
-fitted on ``metrics_train``): the model through the numpy runtime, k-means on RGB, and the constant
-predictor (every pixel one cluster, i.e. the most frequent class). Each method fits one set of cluster
-centres for the dataset from its tiles' pixels (no labels), as ``runtime_export.segment`` does for one
-raster. One JSON line per dataset.
+fitted on ``metrics_train``): the model through the numpy runtime, its untrained twin, k-means on RGB,
+and the constant predictor (``training_core.eval``, which fits each method's cluster centres for the
+dataset as ``runtime_export.segment`` does for one raster). One JSON line per dataset.
 
     python bench/quality.py --seed 1 --seed 2 --seed 3      # shipped defaults, 15 min budget per seed
     python bench/quality.py --budget-s 300 --steps 5000       # as many steps as 5 minutes allow
@@ -34,56 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime_export.export import export_artifact
-from runtime_export.runtime import RuntimeModel, load_runtime_model, soft_kmeans
+from runtime_export.export import export_artifact, input_rules_of
 from training_core.checkpoint import latest_checkpoint
 from training_core.config import TrainConfig, load_config
 from training_core.datasets.discovery import discover_datasets
-from training_core.eval import (
-    BASELINE,
-    EVAL_SPLIT,
-    FIT_SPLIT,
-    MODEL,
-    FitFn,
-    PredictFn,
-    baseline_fit_fn,
-    dataset_label_space,
-    evaluate_tiles,
-    sample_fit_rows,
-    split_tiles,
-)
+from training_core.eval import BASELINE, CONSTANT, MODEL, dataset_label_space, evaluate_checkpoint
 from training_core.shards import build_shards
 from training_core.train import train
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
-CONSTANT = "constant"
-MAJORITY_K = 8
 CHUNK_STEPS = 25  # training runs in resumable chunks so the wall budget is checked between them
-
-
-def runtime_fit_fn(model: RuntimeModel, seed: int) -> FitFn:
-    """The numpy runtime with one set of prototypes for the dataset (its seeded soft k-means on the same
-    sample of pooled cells as ``training_core.eval.model_fit_fn``)."""
-
-    def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
-        embeddings = [model.embed(rgb) for rgb in tiles]
-        cells = np.concatenate([e.embeddings for e in embeddings])
-        seeds = np.concatenate([e.seed_logits[:, :k] for e in embeddings])
-        picks = sample_fit_rows(len(cells), seed)
-        _, prototypes = soft_kmeans(cells[picks], seeds[picks], model.cluster_iters, model.temperature)
-
-        def predict(rgb: np.ndarray) -> np.ndarray:
-            embedding = model.embed(rgb)
-            return model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
-
-        return predict
-
-    return fit
-
-
-def constant_fit_fn(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
-    """Every pixel in cluster 0: the Hungarian mapping sends it to the most frequent class."""
-    return lambda rgb: np.zeros(rgb.shape[1:], np.uint8)
 
 
 def train_within_budget(config: TrainConfig, checkpoint_dir: Path, budget_s: float) -> dict:
@@ -104,28 +63,23 @@ def train_within_budget(config: TrainConfig, checkpoint_dir: Path, budget_s: flo
     }
 
 
-def score_dataset(model: RuntimeModel, processed_root: Path, dataset_id: str, seed: int) -> dict | None:
-    """The JSON record of one labeled dataset (None when it has no labels)."""
-    n_classes, ignore_leq, data_version = dataset_label_space(processed_root, dataset_id)
+def score_dataset(checkpoint: Path, processed_root: Path, dataset_id: str, seed: int) -> dict | None:
+    """The JSON record of one labeled dataset (None when it has no labels): ``training_core.eval``'s report,
+    which runs the model through the numpy runtime beside its controls."""
+    n_classes, _, _ = dataset_label_space(processed_root, dataset_id)
     if n_classes is None:
         return None
-    fit_tiles = list(split_tiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq))
-    val_tiles = list(split_tiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq))
-    methods = {MODEL: runtime_fit_fn(model, seed), BASELINE: baseline_fit_fn(seed), CONSTANT: constant_fit_fn}
-    k = max(n_classes, 2)
-    at_k = evaluate_tiles(methods, fit_tiles, val_tiles, k, n_classes, ignore_leq, n_samples=0)
-    at_8 = evaluate_tiles(methods, fit_tiles, val_tiles, MAJORITY_K, n_classes, ignore_leq, n_samples=0)
-    record: dict = {"dataset_id": dataset_id, "data_version": data_version, "k": k}
-    record["mapping_fitted_on"] = at_k.mapping_fitted_on
-    record["val_tiles"] = len(val_tiles)
-    for name in methods:
-        hungarian, majority = at_k.methods[name].hungarian, at_8.methods[name].majority
+    report = evaluate_checkpoint(checkpoint, processed_root, dataset_id, seed=seed)
+    record: dict = {"dataset_id": dataset_id, "data_version": report.data_version, "k": report.k}
+    record["mapping_fitted_on"] = report.mapping_fitted_on
+    record["val_tiles"] = report.n_eval_tiles
+    for name, method in report.methods.items():
         record[name] = {
-            "hungarian_miou": hungarian.miou,
-            "per_class_iou": hungarian.per_class_iou,
-            "pixel_accuracy": hungarian.pixel_accuracy,
-            "majority_miou_k8": majority.miou,
-            "cluster_shares": [round(share, 4) for share in at_k.methods[name].cluster_shares],
+            "hungarian_miou": method.hungarian.miou,
+            "per_class_iou": method.hungarian.per_class_iou,
+            "pixel_accuracy": method.hungarian.pixel_accuracy,
+            "majority_miou_k8": method.majority_k8.miou,
+            "cluster_shares": [round(share, 4) for share in method.cluster_shares],
         }
     floor = max(record[BASELINE]["hungarian_miou"], record[CONSTANT]["hungarian_miou"])
     record["floor"] = floor
@@ -149,11 +103,11 @@ def run(args: argparse.Namespace, seed: int, work: Path) -> list[dict]:
     config = config.model_copy(update=update)
     config = TrainConfig.model_validate(config.model_dump())  # re-run the validators on the final config
     budget = train_within_budget(config, work / f"ckpt-{seed}", args.budget_s)
-    artifact = export_artifact(latest_checkpoint(work / f"ckpt-{seed}"), work / f"artifact-{seed}", {}, {})
-    model = load_runtime_model(artifact)
+    checkpoint = latest_checkpoint(work / f"ckpt-{seed}")
+    export_artifact(checkpoint, work / f"artifact-{seed}", {}, {}, input_rules_of(processed, dataset_ids))
     records = []
     for dataset_id in dataset_ids:
-        record = score_dataset(model, processed, dataset_id, seed)
+        record = score_dataset(checkpoint, processed, dataset_id, seed)
         if record is not None:
             config_name = args.config.stem if args.config else "defaults"
             records.append(

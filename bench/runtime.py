@@ -1,17 +1,21 @@
-"""Numpy runtime vs torch, and a 4096 x 4096 raster through ``segment``; prints one JSON line.
+"""Numpy runtime vs torch, and a 4096 x 4096 raster (``--raster-size``) through ``segment``; prints one JSON line.
 
 1. One real 512 x 512 tile (quebec_buildings/tile_1), K = 8, default model size, batch-norm
    statistics calibrated on the tile so the folded weights are not trivial: best-of-N seconds of
    ``RuntimeModel.predict_labels`` and of the torch model's eval forward + arg-max (same weights,
    same process, same threads), their ratio (target <= 2.0) and label agreement (target >= 99.9%).
-2. A 4096 x 4096 RGB GeoTIFF (the sample scenes mirrored) segmented at K = 8 by
-   ``runtime_export.segment`` in a child process (numpy + rasterio only): megapixels/s and the
-   child's own peak RSS (target < 1.5 GB).
+2. A 4096 x 4096 RGB GeoTIFF (the sample scenes mirrored; ``--raster-size 8192`` for the 8192 x 8192
+   target) segmented at K = 8 by ``runtime_export.segment`` in a child process (numpy + rasterio
+   only; its progress lines pass through on stderr): megapixels/s (target >= 1.2), the child's own
+   peak RSS (target <= 1 GB), the scratch file it spilled, and the load average before and after
+   (the machine may be shared: the rate is only comparable at a similar load).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +37,7 @@ TILE = ROOT / "sample_data/extracted/quebec_buildings/images/tile_1.tif"
 K = 8
 REPEATS = 5
 RASTER_SIDE = 4096
-TARGETS = {"ratio_max": 2.0, "agreement_min": 0.999, "peak_rss_mb_max": 1536}
+TARGETS = {"ratio_max": 2.0, "agreement_min": 0.999, "peak_rss_mb_max": 1024, "segment_megapixels_per_s_min": 1.2}
 # The child reports its own VmHWM (Linux): ru_maxrss survives exec, so a child forked from this
 # torch-sized process would report this process's size.
 SEGMENT_AND_REPORT_RSS = (
@@ -66,14 +70,14 @@ def calibrated_model(rgb: np.ndarray) -> tuple[SegmentationModel, TrainConfig]:
     return model.eval(), config
 
 
-def write_big_raster(path: Path) -> None:
+def write_big_raster(path: Path, side: int) -> None:
     with rasterio.open(TILE) as src:
         tile = src.read([1, 2, 3])
-    reps = -(-RASTER_SIDE // tile.shape[1])
+    reps = -(-side // tile.shape[1])
     mirrored = np.concatenate([tile, tile[:, ::-1]], axis=1)
     mirrored = np.concatenate([mirrored, mirrored[:, :, ::-1]], axis=2)
-    big = np.tile(mirrored, (1, reps, reps))[:, :RASTER_SIDE, :RASTER_SIDE]
-    profile = {"driver": "GTiff", "width": RASTER_SIDE, "height": RASTER_SIDE, "count": 3, "dtype": "uint8"}
+    big = np.tile(mirrored, (1, reps, reps))[:, :side, :side]
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint8"}
     with rasterio.open(
         path, "w", crs="EPSG:3857", transform=Affine(0.5, 0, 0, 0, -0.5, 0), tiled=True, **profile
     ) as dst:
@@ -81,6 +85,9 @@ def write_big_raster(path: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--raster-size", type=int, default=RASTER_SIDE, help="side of the segmented raster, pixels")
+    side = parser.parse_args().raster_size
     with rasterio.open(TILE) as src:
         rgb = src.read([1, 2, 3])
     model, config = calibrated_model(rgb)
@@ -98,17 +105,20 @@ def main() -> None:
         agreement = float((runtime.predict_labels(rgb, K) == torch_labels()).mean())
 
         raster = scratch / "big.tif"
-        write_big_raster(raster)
+        write_big_raster(raster, side)
         arguments = ["--model", str(scratch / "model"), "--input", str(raster)]
         arguments += ["--output", str(scratch / "labels.tif"), "--k", str(K)]
+        load_before = os.getloadavg()
         child = subprocess.run(
-            [sys.executable, "-c", SEGMENT_AND_REPORT_RSS, *arguments], check=True, capture_output=True, text=True
+            [sys.executable, "-c", SEGMENT_AND_REPORT_RSS, *arguments], check=True, stdout=subprocess.PIPE, text=True
         )
+        load_after = os.getloadavg()
         segment_line, rss_line = child.stdout.splitlines()[-2:]
         segment = json.loads(segment_line)
         peak_rss_mb = json.loads(rss_line)["peak_rss_mb"]
 
     ratio = numpy_s / torch_s
+    megapixels_per_s = segment["megapixels_per_s"]
     print(
         json.dumps(
             {
@@ -121,15 +131,19 @@ def main() -> None:
                 "torch_s": round(torch_s, 4),
                 "ratio": round(ratio, 3),
                 "label_agreement": round(agreement, 6),
-                "raster": f"{RASTER_SIDE}x{RASTER_SIDE}",
+                "raster": f"{side}x{side}",
                 "segment_s": round(segment["wall_s"], 2),
-                "segment_megapixels_per_s": round(segment["megapixels_per_s"], 3),
+                "segment_megapixels_per_s": round(megapixels_per_s, 3),
                 "segment_tiles": segment["tiles"],
                 "segment_peak_rss_mb": round(peak_rss_mb, 1),
+                "segment_scratch_mb": round(segment["scratch_bytes"] / 2**20, 1),
+                "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+                "cpus": os.cpu_count(),
                 "targets": TARGETS,
                 "passed": ratio <= TARGETS["ratio_max"]
                 and agreement >= TARGETS["agreement_min"]
-                and peak_rss_mb < TARGETS["peak_rss_mb_max"],
+                and peak_rss_mb <= TARGETS["peak_rss_mb_max"]
+                and megapixels_per_s >= TARGETS["segment_megapixels_per_s_min"],
             }
         )
     )

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import numpy as np
-import rasterio
 
 from assets.export import runtime_artifact
 from assets.lineage import require_materialization
@@ -20,6 +18,8 @@ from assets.resources import ProjectPaths
 from pipeline.definitions import defs
 from runtime_export.runtime import META_FILENAME, load_runtime_model
 from training_core.datasets.discovery import dataset_content_hash
+from training_core.datasets.pixels import PixelRule
+from training_core.datasets.rasters import read_item
 
 UPSTREAM_RUNS = ("evaluation", "training", "shards", "header")
 
@@ -37,9 +37,10 @@ def check_sample_artifact(instance: dg.DagsterInstance, paths: ProjectPaths) -> 
     for stage in UPSTREAM_RUNS:
         assert lineage["runs"].get(stage), f"{artifact_dir}: lineage has no {stage} run id"
     model = load_runtime_model(artifact_dir)
-    tile_path = sorted(paths.dataset_dir(lineage["trained_on"][0]).rglob("*.tif"))[0]
-    with rasterio.open(tile_path) as src:
-        rgb = src.read(indexes=[1, 2, 3]).astype(np.uint8)
+    dataset_id = lineage["trained_on"][0]
+    tile_path = sorted(paths.dataset_dir(dataset_id).rglob("*.tif"))[0]
+    assert dataset_id in meta["input_rules"], f"{artifact_dir}: meta.json has no input rule for {dataset_id}"
+    rgb = read_item(tile_path, None, PixelRule.from_dict(meta["input_rules"][dataset_id])).image
     labels = model.predict_labels(rgb, 2)
     assert labels.shape == rgb.shape[1:], f"labels {labels.shape} for a tile of {rgb.shape[1:]}"
     return {

@@ -1,8 +1,21 @@
-"""Evaluation: score a model's clusters against labels, with the k-means-on-RGB baseline beside it.
+"""Evaluation: score a model's clusters against labels, beside the controls a user needs to read them.
 
-Labels are only used here. The cluster-to-class mapping is fitted on ``metrics_train`` and scored
-on ``val`` (a dataset whose ``metrics_train`` holds no labeled pixel fits on ``val``, and the report
-says so). Tiles are scored whole: the model handles any size.
+Methods, each fitting one set of cluster centres per dataset from pixels alone, then labelling every tile:
+
+- ``model``: the trained model, run by the numpy runtime exactly as ``runtime_export.segment`` runs it
+  (invalid pixels filled with the mean colour, tiles padded to the stride, one lattice sample of cells
+  over all the dataset's tiles: ``runtime_export.prototypes``), so the score describes what a user gets;
+- ``untrained_model``: the same architecture with the weights training starts from (same seed), the same
+  inference: does training help on this data?
+- ``kmeans_rgb``: k-means on the pixels' colours;
+- ``constant``: every pixel in one cluster, what an imbalanced label set gives for nothing.
+
+Labels are only used here. The cluster-to-class mapping is fitted on ``metrics_train`` and scored on
+``val`` (a dataset whose ``metrics_train`` holds no labeled pixel fits on ``val``, and the report says so),
+at K = number of classes (Hungarian one-to-one and majority) and at K = 8 (majority, many-to-one).
+
+Streaming: pass 1 reads every tile once and keeps only the fit samples (lattice cells, lattice pixels);
+pass 2 reads every tile again and accumulates confusion matrices. One tile is in memory at a time.
 
 CLI::
 
@@ -18,21 +31,31 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from runtime_export.export import runtime_arrays, runtime_meta
+from runtime_export.prototypes import (
+    DEFAULT_MAX_FIT_CELLS,
+    PrototypeSample,
+    cell_grid,
+    encoder_input,
+    lattice_step,
+    valid_cells,
+)
+from runtime_export.runtime import Embedding, RuntimeModel
 from training_core.atomic import atomic_path, atomic_write_text
 from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
-from training_core.config import ModelConfig
+from training_core.config import ModelConfig, TrainConfig
 from training_core.data.synthetic import synthetic_tile
 from training_core.datasets.pixels import PixelRule
-from training_core.datasets.rasters import read_item
+from training_core.datasets.rasters import open_raster, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.metrics import (
     Scores,
@@ -42,28 +65,26 @@ from training_core.metrics import (
     majority_scores,
     view_consistency,
 )
-from training_core.model import SegmentationModel, soft_kmeans
+from training_core.model import SegmentationModel
 from training_core.shards import iter_split_items, read_manifest
 
-PredictFn = Callable[[np.ndarray], np.ndarray]  # [3, H, W] uint8 -> cluster ids [H, W]
-# Fits one set of cluster centres on a dataset's tiles (pixels only, never labels) and returns the
-# predictor that labels any tile against those centres, so cluster ids mean the same in every tile.
-FitFn = Callable[[Sequence[np.ndarray], int], PredictFn]
-MAX_FIT_CELLS = 65_536  # stride-4 cells (model) or pixels (baseline) sampled to fit the centres
-MODEL, BASELINE = "model", "kmeans_rgb"
+MAX_FIT_PIXELS = 65_536  # pixels sampled (on a lattice) to fit the k-means-on-RGB centres
+MODEL, UNTRAINED, BASELINE, CONSTANT = "model", "untrained_model", "kmeans_rgb", "constant"
 FIT_SPLIT, EVAL_SPLIT = "metrics_train", "val"
+OVERCLUSTER_K = 8  # the majority-vote score's K: over-clustering holds splits a K = classes fit misses
 
 
 @dataclass
 class LabeledTile:
     item_id: str
-    rgb: np.ndarray  # [3, H, W] uint8
-    label: np.ndarray | None  # [H, W]; nodata input pixels carry an ignored value
+    rgb: np.ndarray  # [3, H, W] uint8 model pixels
+    label: np.ndarray | None  # [H, W]; invalid input pixels carry an ignored value
+    valid: np.ndarray | None = None  # [H, W] bool; None = every pixel valid
 
 
 @dataclass
 class Sample:
-    """One scored tile kept for the picture: pixels, labels and each method's cluster ids."""
+    """One scored tile kept for the picture: pixels, labels and each method's cluster ids at K."""
 
     item_id: str
     rgb: np.ndarray
@@ -73,15 +94,17 @@ class Sample:
 
 @dataclass
 class MethodReport:
-    hungarian: Scores | None
-    majority: Scores | None
+    hungarian: Scores | None  # at K = classes
+    majority: Scores | None  # at K = classes
+    majority_k8: Scores | None  # at K = OVERCLUSTER_K
     proxies: dict[str, float]
-    cluster_shares: list[float]  # share of the eval tiles' pixels in each cluster (collapse shows here)
+    cluster_shares: list[float]  # share of the eval tiles' pixels in each cluster at K (collapse shows here)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "hungarian": self.hungarian.to_dict() if self.hungarian else None,
             "majority": self.majority.to_dict() if self.majority else None,
+            "majority_k8": self.majority_k8.to_dict() if self.majority_k8 else None,
             "proxies": self.proxies,
             "cluster_shares": self.cluster_shares,
         }
@@ -89,10 +112,11 @@ class MethodReport:
 
 @dataclass
 class EvalReport:
-    """Model and baseline scores for one dataset (or synthetic tiles) at one K."""
+    """Every method's scores for one dataset (or synthetic tiles) at K and at the over-clustering K."""
 
     dataset_id: str | None
     k: int
+    k_majority: int
     ignore_leq: int
     mapping_fitted_on: str | None  # "metrics_train", "val" (no labeled metrics_train pixel), None (no labels)
     n_fit_tiles: int
@@ -105,9 +129,13 @@ class EvalReport:
     samples: list[Sample] = field(default_factory=list, repr=False)  # for render_comparison, not serialised
 
     def miou(self, method: str) -> float | None:
-        """Hungarian mIoU of one method (None: method not run, or no labels)."""
+        """Hungarian mIoU at K of one method (None: method not run, or no labels)."""
         report = self.methods.get(method)
         return report.hungarian.miou if report and report.hungarian else None
+
+    def majority_k8_miou(self, method: str) -> float | None:
+        report = self.methods.get(method)
+        return report.majority_k8.miou if report and report.majority_k8 else None
 
     @property
     def val_miou(self) -> float | None:
@@ -115,10 +143,11 @@ class EvalReport:
         return self.miou(MODEL)
 
     def to_dict(self) -> dict[str, Any]:
-        model, baseline = self.miou(MODEL), self.miou(BASELINE)
+        model, baseline, untrained = self.miou(MODEL), self.miou(BASELINE), self.miou(UNTRAINED)
         return {
             "dataset_id": self.dataset_id,
             "k": self.k,
+            "k_majority": self.k_majority,
             "ignore_leq": self.ignore_leq,
             "mapping_fitted_on": self.mapping_fitted_on,
             "n_fit_tiles": self.n_fit_tiles,
@@ -129,65 +158,105 @@ class EvalReport:
             "wall_s": self.wall_s,
             "val_miou": model,
             "baseline_miou": baseline,
+            "untrained_miou": untrained,
             "model_beats_baseline": None if model is None or baseline is None else model > baseline,
+            "training_helped": None if model is None or untrained is None else model > untrained,
+            "scores": {
+                name: {
+                    "hungarian_miou": self.miou(name),
+                    f"majority_k{self.k_majority}_miou": self.majority_k8_miou(name),
+                }
+                for name in self.methods
+            },
             "methods": {name: report.to_dict() for name, report in self.methods.items()},
         }
 
 
-# -- predictors ----------------------------------------------------------------------------------
+# -- methods -------------------------------------------------------------------------------------
 
 
-def model_fit_fn(model: SegmentationModel, seed: int = 0) -> FitFn:
-    """The torch model (CPU) with one set of prototypes for the dataset, as ``runtime_export.segment`` does
-    for one raster: soft k-means seeded by the model's own seed channels over a seeded sample of the
-    stride-4 embeddings of all tiles, then each tile assigned to those prototypes."""
-    model = model.eval()
+class Method(Protocol):
+    """A clustering method: sees every tile once to draw its fit sample, fits, then labels tiles."""
 
-    def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
-        embeddings, seed_logits = [], []
-        with torch.inference_mode():
-            for rgb in tiles:
-                emb, seeds = model.encode(_as_batch(rgb))
-                embeddings.append(emb[0].flatten(1).T)
-                seed_logits.append(seeds[0, :k].flatten(1).T)
-        cells = torch.cat(embeddings)
-        picks = sample_fit_rows(cells.shape[0], seed)
-        _, prototypes = soft_kmeans(
-            cells[picks].T[None].contiguous(),
-            torch.cat(seed_logits)[picks].T[None].contiguous(),
-            model.config.eval_cluster_iters,
-            model.config.temperature,
-        )
+    def observe(self, tile: LabeledTile, index: int) -> None: ...
 
-        def predict(rgb: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                probs = model(_as_batch(rgb), k, prototypes=prototypes[0]).probs
-            return probs[0].argmax(dim=0).to(torch.uint8).numpy()
+    def fit(self, ks: Sequence[int]) -> None: ...
 
-        return predict
-
-    return fit
+    def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]: ...
 
 
-def baseline_fit_fn(seed: int = 0) -> FitFn:
-    """k-means on RGB with one set of centres for the dataset."""
+class RuntimeMethod:
+    """A model run by the numpy runtime as ``segment`` runs it: fill, pad, embed, lattice sample, assign."""
 
-    def fit(tiles: Sequence[np.ndarray], k: int) -> PredictFn:
-        centres = fit_rgb_centres(tiles, k, seed=seed, max_fit_pixels=MAX_FIT_CELLS)
-        return lambda rgb: nearest_centre_labels(rgb, centres)
+    def __init__(self, model: RuntimeModel, step: int) -> None:
+        self.model = model
+        self.sample = PrototypeSample(step)
+        self.prototypes: dict[int, np.ndarray] = {}
 
-    return fit
+    def _embed(self, rgb: np.ndarray, valid: np.ndarray | None) -> Embedding:
+        return self.model.embed(encoder_input(self.model, rgb, valid))
+
+    def observe(self, tile: LabeledTile, index: int) -> None:
+        embedding = self._embed(tile.rgb, tile.valid)
+        h, w = cell_grid(*tile.rgb.shape[1:])
+        usable = None if tile.valid is None else valid_cells(tile.valid)
+        self.sample.add(embedding, slice(0, h), slice(0, w), (0, 0), usable, raster=index)
+
+    def fit(self, ks: Sequence[int]) -> None:
+        self.prototypes = {k: self.sample.fit(k, self.model.cluster_iters, self.model.temperature) for k in ks}
+
+    def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]:
+        embedding = self._embed(rgb, valid)
+        height, width = rgb.shape[1:]
+        return {
+            k: self.model.labels_from_assignment(self.model.assign(embedding, prototypes), embedding)[:height, :width]
+            for k, prototypes in self.prototypes.items()
+        }
 
 
-def _as_batch(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb)).float()[None] / 255.0
+class KMeansRGB:
+    """k-means on colours, fitted on valid pixels on a lattice over all tiles."""
+
+    def __init__(self, step: int, seed: int) -> None:
+        self.step, self.seed = step, seed
+        self._pixels: list[np.ndarray] = []
+        self.centres: dict[int, np.ndarray] = {}
+
+    def observe(self, tile: LabeledTile, index: int) -> None:
+        pixels = tile.rgb[:, :: self.step, :: self.step]
+        keep = None if tile.valid is None else tile.valid[:: self.step, :: self.step]
+        self._pixels.append(pixels.reshape(3, -1) if keep is None else pixels[:, keep])
+
+    def fit(self, ks: Sequence[int]) -> None:
+        pixels = np.concatenate(self._pixels, axis=1)[:, None, :]  # one [3, 1, N] "tile"
+        self.centres = {k: fit_rgb_centres([pixels], k, seed=self.seed, max_fit_pixels=MAX_FIT_PIXELS) for k in ks}
+
+    def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]:
+        return {k: nearest_centre_labels(rgb, centres) for k, centres in self.centres.items()}
 
 
-def sample_fit_rows(n: int, seed: int) -> np.ndarray:
-    """A seeded, sorted sample of at most MAX_FIT_CELLS row indices out of ``n``."""
-    if n <= MAX_FIT_CELLS:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, MAX_FIT_CELLS, replace=False))
+class Constant:
+    """Every pixel in cluster 0: the mapping sends it to the most frequent class."""
+
+    def observe(self, tile: LabeledTile, index: int) -> None:
+        pass
+
+    def fit(self, ks: Sequence[int]) -> None:
+        self.ks = list(ks)
+
+    def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]:
+        return {k: np.zeros(rgb.shape[1:], np.uint8) for k in self.ks}
+
+
+def runtime_of(model: SegmentationModel, config: TrainConfig) -> RuntimeModel:
+    """The numpy runtime of a torch model, in memory: the arrays and fields an export would write."""
+    return RuntimeModel(runtime_meta(config, {}, {}, {}), runtime_arrays(model.eval()))
+
+
+def untrained_twin(config: TrainConfig) -> SegmentationModel:
+    """The weights training starts from: the same architecture and seed (``training_core.train``)."""
+    torch.manual_seed(config.seed)
+    return SegmentationModel(config.model).eval()
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -196,71 +265,97 @@ def sample_fit_rows(n: int, seed: int) -> np.ndarray:
 def read_tile(
     item_id: str, input_path: Path, target_path: Path | None, rule: PixelRule, ignore_value: int = 0
 ) -> LabeledTile:
-    """Model pixels and labels through the raster layer; labels under invalid input pixels become ``ignore_value``."""
+    """Model pixels, validity and labels through the raster layer; labels under invalid input pixels become
+    ``ignore_value``."""
     tile = read_item(input_path, target_path, rule)
     label = tile.target
     if label is not None and tile.valid is not None and ignore_value != 0:
         label = np.where(tile.valid, label, ignore_value).astype(label.dtype)
-    return LabeledTile(item_id, tile.image, label)
+    return LabeledTile(item_id, tile.image, label, tile.valid)
 
 
-def split_tiles(
-    processed_root: str | Path, dataset_id: str, split: str, ignore_value: int = 0
-) -> Iterator[LabeledTile]:
-    """The tiles of one processed split, in index order, read under the dataset header's pixel rule."""
-    rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
-    for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-        target = shard_dir / entry.target if entry.target else None
-        yield read_tile(entry.item_id, shard_dir / entry.input, target, rule, ignore_value)
+@dataclass(frozen=True)
+class SplitTiles:
+    """The tiles of one processed split, re-readable: each pass iterates it again (nothing kept)."""
+
+    processed_root: Path
+    dataset_id: str
+    split: str
+    ignore_value: int = 0
+
+    def __iter__(self) -> Iterator[LabeledTile]:
+        rule = load_header(self.processed_root / self.dataset_id / HEADER_FILENAME).pixel_rule
+        for shard_dir, entry in iter_split_items(self.processed_root, self.dataset_id, self.split):
+            target = shard_dir / entry.target if entry.target else None
+            yield read_tile(entry.item_id, shard_dir / entry.input, target, rule, self.ignore_value)
+
+    def pixel_count(self) -> int:
+        """Pixels over all tiles, from the files' metadata (no pixel read)."""
+        total = 0
+        for shard_dir, entry in iter_split_items(self.processed_root, self.dataset_id, self.split):
+            with open_raster(shard_dir / entry.input) as src:
+                total += src.width * src.height
+        return total
 
 
 # -- evaluation ----------------------------------------------------------------------------------
 
 
 def evaluate_tiles(
-    fit_fns: dict[str, FitFn],
+    methods: dict[str, Method],
     fit_tiles: Iterable[LabeledTile],
     eval_tiles: Iterable[LabeledTile],
     k: int,
     n_classes: int | None,
     ignore_leq: int = 0,
+    k_majority: int = OVERCLUSTER_K,
     n_samples: int = 3,
     dataset_id: str | None = None,
 ) -> EvalReport:
     """Score every method: mapping fitted on ``fit_tiles``, scores and proxies on ``eval_tiles``.
 
-    Each method first fits its cluster centres on the pixels of all tiles (no labels). ``n_classes``
-    None means no labels: proxies only. Labeled pixels of the eval tiles never reach the fitted
-    mapping unless the fit tiles hold no labeled pixel at all.
+    Both iterables are read twice (pass 1: each method's fit sample over all tiles, no labels; pass 2:
+    confusion matrices), so pass re-readable collections (``SplitTiles``, lists), not generators.
+    ``n_classes`` None means no labels: proxies only. Labeled pixels of the eval tiles never reach the
+    fitted mapping unless the fit tiles hold no labeled pixel at all.
     """
     started = time.perf_counter()
-    fit_tiles, eval_tiles = list(fit_tiles), list(eval_tiles)
-    all_rgb = [tile.rgb for tile in fit_tiles + eval_tiles]
-    predict_fns = {name: fit(all_rgb, k) for name, fit in fit_fns.items()}
-    shape = (k, n_classes or 1)
-    fit_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
-    eval_conf = {name: np.zeros(shape, np.int64) for name in predict_fns}
-    proxies: dict[str, list[dict[str, float]]] = {name: [] for name in predict_fns}
-    cluster_pixels = {name: np.zeros(k, np.int64) for name in predict_fns}
+    ks = sorted({k, k_majority})
+    index = 0
+    for tiles in (fit_tiles, eval_tiles):
+        for tile in tiles:
+            for method in methods.values():
+                method.observe(tile, index)
+            index += 1
+    for method in methods.values():
+        method.fit(ks)
+
+    shape = (n_classes or 1,)
+    fit_conf = {(name, kk): np.zeros((kk, *shape), np.int64) for name in methods for kk in ks}
+    eval_conf = {(name, kk): np.zeros((kk, *shape), np.int64) for name in methods for kk in ks}
+    proxies: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
+    cluster_pixels = {name: np.zeros(k, np.int64) for name in methods}
     samples: list[Sample] = []
     n_fit = n_eval = 0
-    if n_classes is not None:
-        for tile in fit_tiles:
-            n_fit += 1
-            if tile.label is None:
-                continue
-            for name, predict in predict_fns.items():
-                fit_conf[name] += _confusion(predict(tile.rgb), tile, k, n_classes, ignore_leq)
+    for tile in fit_tiles:
+        n_fit += 1
+        if n_classes is None or tile.label is None:
+            continue
+        for name, method in methods.items():
+            for kk, pred in method.predict(tile.rgb, tile.valid).items():
+                fit_conf[name, kk] += _confusion(pred, tile, kk, n_classes, ignore_leq)
     for tile in eval_tiles:
         n_eval += 1
         predictions = {}
-        for name, predict in predict_fns.items():
-            pred = predict(tile.rgb)
-            flipped = predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]))[:, ::-1]
+        for name, method in methods.items():
+            by_k = method.predict(tile.rgb, tile.valid)
+            pred = by_k[k]
+            flipped = method.predict(np.ascontiguousarray(tile.rgb[:, :, ::-1]), _flip(tile.valid))[k][:, ::-1]
             proxies[name].append({**label_proxies(pred, k), "view_consistency": view_consistency(pred, flipped, k)})
             cluster_pixels[name] += np.bincount(pred.ravel(), minlength=k)[:k]
             if n_classes is not None and tile.label is not None:
-                eval_conf[name] += _confusion(pred, tile, k, n_classes, ignore_leq)
+                for kk, labels in by_k.items():
+                    eval_conf[name, kk] += _confusion(labels, tile, kk, n_classes, ignore_leq)
             predictions[name] = pred
         if len(samples) < n_samples:
             samples.append(Sample(tile.item_id, tile.rgb, tile.label, predictions))
@@ -268,26 +363,34 @@ def evaluate_tiles(
     fitted_on = None
     if labeled:
         fitted_on = FIT_SPLIT if any(conf.sum() for conf in fit_conf.values()) else EVAL_SPLIT
-    methods = {}
-    for name in fit_fns:
-        fit = fit_conf[name] if fitted_on == FIT_SPLIT else eval_conf[name]
-        methods[name] = MethodReport(
-            hungarian=hungarian_scores(fit, eval_conf[name], ignore_leq) if labeled else None,
-            majority=majority_scores(fit, eval_conf[name], ignore_leq) if labeled else None,
+    reports = {}
+    for name in methods:
+        fit = fit_conf if fitted_on == FIT_SPLIT else eval_conf
+        reports[name] = MethodReport(
+            hungarian=hungarian_scores(fit[name, k], eval_conf[name, k], ignore_leq) if labeled else None,
+            majority=majority_scores(fit[name, k], eval_conf[name, k], ignore_leq) if labeled else None,
+            majority_k8=(
+                majority_scores(fit[name, k_majority], eval_conf[name, k_majority], ignore_leq) if labeled else None
+            ),
             proxies=_mean_proxies(proxies[name]),
             cluster_shares=(cluster_pixels[name] / max(cluster_pixels[name].sum(), 1)).tolist(),
         )
     return EvalReport(
         dataset_id=dataset_id,
         k=k,
+        k_majority=k_majority,
         ignore_leq=ignore_leq,
         mapping_fitted_on=fitted_on,
         n_fit_tiles=n_fit,
         n_eval_tiles=n_eval,
-        methods=methods,
+        methods=reports,
         wall_s=time.perf_counter() - started,
         samples=samples,
     )
+
+
+def _flip(valid: np.ndarray | None) -> np.ndarray | None:
+    return None if valid is None else np.ascontiguousarray(valid[:, ::-1])
 
 
 def _confusion(pred: np.ndarray, tile: LabeledTile, k: int, n_classes: int, ignore_leq: int) -> np.ndarray:
@@ -311,27 +414,47 @@ def dataset_label_space(processed_root: str | Path, dataset_id: str) -> tuple[in
     return (max(classes) - ignore_leq if classes else None), ignore_leq, manifest["data_version"]
 
 
-def evaluate_dataset(
-    fit_fn: FitFn,
+def control_methods(
+    model: SegmentationModel, config: TrainConfig, cell_step: int, pixel_step: int, seed: int
+) -> dict[str, Method]:
+    """The model beside its controls: its untrained twin, k-means on RGB, the constant predictor."""
+    return {
+        MODEL: RuntimeMethod(runtime_of(model, config), cell_step),
+        UNTRAINED: RuntimeMethod(runtime_of(untrained_twin(config), config), cell_step),
+        BASELINE: KMeansRGB(pixel_step, seed),
+        CONSTANT: Constant(),
+    }
+
+
+def evaluate_model(
+    model: SegmentationModel,
+    config: TrainConfig,
     processed_root: str | Path,
     dataset_id: str,
     k: int | None = None,
     seed: int = 0,
     n_samples: int = 3,
 ) -> EvalReport:
-    """Score ``fit_fn`` and the k-means-on-RGB baseline on a processed dataset.
-
-    ``k`` None means one cluster per class (at least 2).
-    """
+    """Score ``model`` and its controls on a processed dataset; ``k`` None means one cluster per class (>= 2)."""
+    processed_root = Path(processed_root)
     n_classes, ignore_leq, data_version = dataset_label_space(processed_root, dataset_id)
-    k = k if k is not None else max(n_classes or 2, 2)
+    max_k = config.model.max_k
+    if k is not None and not 2 <= k <= max_k:
+        raise ValueError(f"k={k} is outside [2, max_k={max_k}]")
+    k = k if k is not None else min(max(n_classes or 2, 2), max_k)
+    fit_tiles = SplitTiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq)
+    eval_tiles = SplitTiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq)
+    pixels = fit_tiles.pixel_count() + eval_tiles.pixel_count()
+    cell_step = lattice_step(pixels // 16, DEFAULT_MAX_FIT_CELLS)
+    pixel_step = lattice_step(pixels, MAX_FIT_PIXELS)
     report = evaluate_tiles(
-        {MODEL: fit_fn, BASELINE: baseline_fit_fn(seed)},
-        split_tiles(processed_root, dataset_id, FIT_SPLIT, ignore_leq),
-        split_tiles(processed_root, dataset_id, EVAL_SPLIT, ignore_leq),
+        control_methods(model, config, cell_step, pixel_step, seed),
+        fit_tiles,
+        eval_tiles,
         k,
         n_classes,
         ignore_leq,
+        k_majority=min(OVERCLUSTER_K, max_k),
         n_samples=n_samples,
         dataset_id=dataset_id,
     )
@@ -342,27 +465,25 @@ def evaluate_dataset(
 def evaluate_checkpoint(
     checkpoint: str | Path, processed_root: str | Path, dataset_id: str, k: int | None = None, seed: int = 0
 ) -> EvalReport:
-    """``evaluate_dataset`` for a training checkpoint (CPU); the report names the checkpoint and its step."""
-    model, _ = model_from_checkpoint(checkpoint)
-    if k is not None and not 2 <= k <= model.config.max_k:
-        raise ValueError(f"k={k} is outside [2, max_k={model.config.max_k}] of {checkpoint}")
-    n_classes, _, _ = dataset_label_space(processed_root, dataset_id)
-    if k is None:
-        k = min(max(n_classes or 2, 2), model.config.max_k)
-    report = evaluate_dataset(model_fit_fn(model, seed), processed_root, dataset_id, k, seed)
+    """``evaluate_model`` for a training checkpoint; the report names the checkpoint and its step."""
+    model, config = model_from_checkpoint(checkpoint)
+    report = evaluate_model(model, config, processed_root, dataset_id, k, seed)
     report.checkpoint = str(checkpoint)
     report.checkpoint_step = int(load_checkpoint(checkpoint)["step"])
     return report
 
 
 def evaluate_synthetic(model: SegmentationModel, k: int, seed: int, n_tiles: int, tile_size: int) -> EvalReport:
-    """Label-free proxies of the model and the baseline on seeded synthetic tiles.
+    """Label-free proxies of the model, its untrained twin and the baseline on seeded synthetic tiles.
 
     Synthetic region ids are arbitrary per tile, so no dataset-level mapping is scored.
     """
-    tiles = (LabeledTile(f"synthetic-{i}", synthetic_tile(seed, i, tile_size)[0], None) for i in range(n_tiles))
-    methods = {MODEL: model_fit_fn(model, seed), BASELINE: baseline_fit_fn(seed)}
-    return evaluate_tiles(methods, [], tiles, k, None, dataset_id=None)
+    config = TrainConfig(model=model.config, seed=seed)
+    tiles = [LabeledTile(f"synthetic-{i}", synthetic_tile(seed, i, tile_size)[0], None) for i in range(n_tiles)]
+    pixels = n_tiles * tile_size * tile_size
+    methods = control_methods(model, config, lattice_step(pixels // 16), lattice_step(pixels, MAX_FIT_PIXELS), seed)
+    del methods[CONSTANT]  # no labels: a constant has nothing to show
+    return evaluate_tiles(methods, [], tiles, k, None, k_majority=min(OVERCLUSTER_K, model.config.max_k))
 
 
 # -- picture -------------------------------------------------------------------------------------

@@ -4,11 +4,21 @@
 <processed_root>/<dataset_id>/<split>/shard-00000/inputs/<item_id>.tif
                                                 /targets/<item_id>.tif   (labeled items)
                                                 /index.jsonl
-<processed_root>/<dataset_id>/manifest.json       counts, seed, header hash, data version
+<processed_root>/<dataset_id>/manifest.json       counts, tile counts, seed, header hash, data version
 <processed_root>/<dataset_id>/dataset_header.yaml the header the build used
 ```
 
-Tiles are uncompressed GeoTIFFs (unless the header says otherwise) keeping CRS, transform and nodata.
+Chips. A source raster taller or wider than ``sharding.chip_size`` is cut into chips on a grid of that size
+from its top-left pixel; the last row and column of chips are clipped, so every pixel is in exactly one
+chip. Each chip is an item ``<source item id>@r<row>_c<col>`` (pixel offsets) whose index line adds
+``source_item`` and ``window`` (``[col_off, row_off, width, height]``); a smaller raster stays one item
+under its own id. The split rule and the manifest's ``counts`` are about source rasters: every chip of a
+source is in its source's split (no area of one raster in two splits); ``tile_counts`` counts the items.
+
+Tiles are uncompressed GeoTIFFs (unless the header says otherwise) keeping bands, dtype, CRS, nodata and
+mask band; a chip's transform is its window's. Each chip (input and target tile) is its own task, reading
+only its window of the source, so a build holds about one chip per worker whatever the size of the rasters.
+
 Items are written in parallel into a hidden sibling ``.<dataset_id>.building-*``; the manifest is written
 last, then the folder is swapped in: the previous one is renamed aside, the new one renamed in, the old one
 deleted. A crash at any point leaves a complete old or new folder: if it hits between the two renames the
@@ -28,18 +38,24 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as dataclass_replace
 from functools import partial
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 
 from training_core.atomic import verify_raster
+from training_core.datasets import rasters
 from training_core.datasets.discovery import DatasetItem, dataset_content_hash, discover_datasets, discover_items
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import distinct_values, has_mask_band, open_raster, raster_facts, read_blocks
+from training_core.datasets.rasters import distinct_values, has_mask_band, open_raster, raster_facts
 from training_core.datasets.scan import (
     ItemFacts,
     ItemPool,
@@ -69,10 +85,13 @@ MANIFEST_FILENAME = "manifest.json"
 INDEX_FILENAME = "index.jsonl"
 INPUTS_DIR, TARGETS_DIR = "inputs", "targets"
 
+ChipWindow = tuple[int, int, int, int]  # col_off, row_off, width, height in source pixels
+
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """One line of index.jsonl; `input` and `target` are relative to the shard directory."""
+    """One line of index.jsonl; `input` and `target` are relative to the shard directory. A chip names its
+    source raster's item and its window of it."""
 
     dataset_id: str
     item_id: str
@@ -83,12 +102,60 @@ class IndexEntry:
     target: str | None = None
     input_sha256: str | None = None  # of the tile file: verify_shards finds truncated or altered tiles
     target_sha256: str | None = None
+    source_item: str | None = None  # chips only
+    window: ChipWindow | None = None
+
+    @property
+    def source(self) -> str:
+        """The item id of the source raster: the split rule's unit."""
+        return self.item_id if self.source_item is None else self.source_item
 
     def to_json(self) -> str:
         line = asdict(self)
         return json.dumps(
             {key: value for key, value in line.items() if value is not None or key not in _INDEX_OPTIONAL}
         )
+
+
+def chip_id(source_item: str, row: int, col: int) -> str:
+    return f"{source_item}@r{row}_c{col}"
+
+
+def chip_windows(height: int, width: int, chip_size: int) -> list[ChipWindow]:
+    """The chip grid of a raster, row by row from (0, 0); the last row and column clipped to the raster."""
+    return [
+        (col, row, min(chip_size, width - col), min(chip_size, height - row))
+        for row in range(0, height, chip_size)
+        for col in range(0, width, chip_size)
+    ]
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One item of the shards: a whole source raster (``window`` None) or one window of it."""
+
+    source: DatasetItem
+    window: ChipWindow | None = None
+
+    @property
+    def item_id(self) -> str:
+        if self.window is None:
+            return self.source.item_id
+        col, row, _, _ = self.window
+        return chip_id(self.source.item_id, row, col)
+
+
+def plan_chips(items: Sequence[DatasetItem], chip_size: int) -> list[Chip]:
+    """The items' chips, in item order and grid order within an item; opens each input for its size only."""
+    chips: list[Chip] = []
+    for item in items:
+        with open_raster(item.input_path) as src:
+            height, width = src.height, src.width
+        if height <= chip_size and width <= chip_size:
+            chips.append(Chip(item))
+        else:
+            chips += [Chip(item, window) for window in chip_windows(height, width, chip_size)]
+    return chips
 
 
 @dataclass(frozen=True)
@@ -99,19 +166,26 @@ class ShardPlan:
     header: DatasetHeader
     header_committed: bool
     items: list[DatasetItem]
-    assignment: dict[str, str]
+    assignment: dict[str, str]  # source item id -> split
     pinned: dict[str, str]
+    chips: list[Chip]
 
     @property
     def counts(self) -> dict[str, int]:
+        """Source rasters per split (the split rule's counts)."""
         return split_counts(self.assignment)
 
-    def shards(self) -> dict[str, list[list[DatasetItem]]]:
-        """split -> shards (item lists of at most shard_size, items sorted by id)."""
+    @property
+    def tile_counts(self) -> dict[str, int]:
+        """Items (chips and whole rasters) per split."""
+        return split_counts({chip.item_id: self.assignment[chip.source.item_id] for chip in self.chips})
+
+    def shards(self) -> dict[str, list[list[Chip]]]:
+        """split -> shards (chip lists of at most shard_size; sources sorted by id, chips in grid order)."""
         size = self.header.sharding.shard_size
-        out: dict[str, list[list[DatasetItem]]] = {}
+        out: dict[str, list[list[Chip]]] = {}
         for split in SPLITS:
-            members = [item for item in self.items if self.assignment[item.item_id] == split]
+            members = [chip for chip in self.chips if self.assignment[chip.source.item_id] == split]
             out[split] = [members[i : i + size] for i in range(0, len(members), size)]
         return out
 
@@ -121,7 +195,8 @@ class ShardBuildReport:
     """What a build produced (or found up to date: reused); JSON-friendly through to_dict."""
 
     dataset_id: str
-    counts: dict[str, int]
+    counts: dict[str, int]  # source rasters per split
+    tile_counts: dict[str, int]  # items (chips) per split
     n_items: int
     n_labeled: int
     bytes_written: int
@@ -179,7 +254,9 @@ def plan_shards(
         header = header_from_dict(data, f"{dataset_dir} (seed/shard_size overrides)")
     items = discover_items(dataset_dir, header)
     pinned = read_pinned_splits(dataset_dir, header, items)
-    return ShardPlan(dataset_dir, header, committed is not None, items, assign_splits(items, header, pinned), pinned)
+    assignment = assign_splits(items, header, pinned)
+    chips = plan_chips(items, header.sharding.chip_size)
+    return ShardPlan(dataset_dir, header, committed is not None, items, assignment, pinned, chips)
 
 
 def build_key(plan: ShardPlan, data_version: str) -> str:
@@ -193,21 +270,44 @@ def build_key(plan: ShardPlan, data_version: str) -> str:
 
 @dataclass(frozen=True)
 class _TileTask:
-    item: DatasetItem
+    chip: Chip
     shard_dir: Path
 
 
-def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, sharding: Sharding) -> set[int]:
-    """Stream src into dst verbatim (every band, source dtype, CRS, transform, nodata, its own mask band);
-    returns the distinct values seen (targets). The tile is read back before it counts as written."""
+def _window_strips(src: rasterio.DatasetReader, window: Window) -> Iterator[tuple[Window, Window, np.ndarray]]:
+    """(source window, tile window, all bands' raw values) of ``window`` in row strips of at most BLOCK_BYTES."""
+    row_bytes = window.width * src.count * np.dtype(src.dtypes[0]).itemsize
+    rows = max(1, rasters.BLOCK_BYTES // max(1, row_bytes))
+    for top in range(0, window.height, rows):
+        height = min(rows, window.height - top)
+        strip = Window(window.col_off, window.row_off + top, window.width, height)
+        try:
+            block = src.read(window=strip)
+        except RasterioError:
+            raise DatasetError(f"{src.name}: cannot read pixels (truncated or corrupt TIFF?)") from None
+        yield strip, Window(0, top, window.width, height), block
+
+
+def _window_transform(window: Window, transform: Affine) -> Affine:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)  # rasterio 1.4 multiplies Affines with `*`
+        return rasterio.windows.transform(window, transform)
+
+
+def _copy_tile(
+    src: rasterio.DatasetReader, window: Window, dst: Path, modality: Modality, sharding: Sharding
+) -> set[int]:
+    """Stream ``window`` of src into dst verbatim (every band, source dtype, CRS, nodata, its own mask band; the
+    window's transform); returns the distinct values seen (targets). The tile is read back before it counts
+    as written."""
     profile = {
         "driver": "GTiff",
-        "width": src.width,
-        "height": src.height,
+        "width": window.width,
+        "height": window.height,
         "count": src.count,
         "dtype": src.dtypes[0],
         "crs": src.crs,
-        "transform": src.transform,
+        "transform": _window_transform(window, src.transform),
         "nodata": src.nodata if src.nodata is not None else modality.nodata,
         "BIGTIFF": "IF_SAFER",
     }
@@ -218,10 +318,10 @@ def _copy_tile(src: rasterio.DatasetReader, dst: Path, modality: Modality, shard
     try:
         with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
             out.colorinterp = src.colorinterp
-            for window, block in read_blocks(src):
-                out.write(block, window=window)
+            for strip, tile_strip, block in _window_strips(src, window):
+                out.write(block, window=tile_strip)
                 if mask_band:
-                    out.write_mask(src.read_masks(1, window=window), window=window)
+                    out.write_mask(src.read_masks(1, window=strip), window=tile_strip)
                 if modality.role == "target":
                     values |= distinct_values(block)
     except RasterioError as exc:
@@ -239,19 +339,29 @@ def _sha256(path: Path) -> str:
 
 
 def _write_item(task: _TileTask, header: DatasetHeader, infer: bool, sample_size: int) -> ItemFacts:
-    item = task.item
+    """One tile task: open the chip's source, copy its window (input, then target), collect its labels and,
+    under inference, its share of the value sample. The facts are the chip's; its RasterFacts the source's."""
+    chip, item = task.chip, task.chip.source
     with open_item(item, header, infer) as opened:
-        sample = inferred_value_sample(opened, header.splits.seed, sample_size) if infer else None
-        written = [task.shard_dir / tile_relpath(INPUTS_DIR, item.item_id)]
-        _copy_tile(opened.input, written[0], header.input, header.sharding)
+        col, row, width, height = chip.window or (0, 0, opened.input.width, opened.input.height)
+        window = Window(col, row, width, height)
+        written = [task.shard_dir / tile_relpath(INPUTS_DIR, chip.item_id)]
+        _copy_tile(opened.input, window, written[0], header.input, header.sharding)
         labels: tuple[int, ...] = ()
         if opened.target is not None:
-            written.append(task.shard_dir / tile_relpath(TARGETS_DIR, item.item_id))
-            labels = tuple(sorted(_copy_tile(opened.target, written[1], header.target, header.sharding)))
+            written.append(task.shard_dir / tile_relpath(TARGETS_DIR, chip.item_id))
+            labels = tuple(sorted(_copy_tile(opened.target, window, written[1], header.target, header.sharding)))
             check_label_values(item.target_path, labels, header.target)
+    sample = None
+    if infer:
+        # Drawn from the tile just written: the chip's pixels, nodata and mask, seeded by the chip's id (a whole
+        # raster's sample is the one header extraction draws).
+        with open_raster(written[0]) as tile:
+            chip_view = dataclass_replace(opened, item=dataclass_replace(item, item_id=chip.item_id), input=tile)
+            sample = inferred_value_sample(chip_view, header.splits.seed, sample_size)
     size = sum(path.stat().st_size for path in written)
     return ItemFacts(
-        item.item_id,
+        chip.item_id,
         opened.input_facts,
         opened.target_facts,
         labels,
@@ -264,45 +374,49 @@ def _write_item(task: _TileTask, header: DatasetHeader, infer: bool, sample_size
 def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[DatasetHeader, list[ItemFacts], dict]:
     """Write every tile and index into out_dir; returns the completed header, the facts and the shard names."""
     tasks: list[_TileTask] = []
-    members_of: dict[Path, list[DatasetItem]] = {}
+    members_of: dict[Path, list[Chip]] = {}
     shard_names: dict[str, list[str]] = {}
     for split, shards in plan.shards().items():
         shard_names[split] = []
         for number, members in enumerate(shards):
             shard_dir = out_dir / split / shard_name(number)
             (shard_dir / INPUTS_DIR).mkdir(parents=True)
-            if any(item.labeled for item in members):
+            if any(chip.source.labeled for chip in members):
                 (shard_dir / TARGETS_DIR).mkdir()
             shard_names[split].append(f"{split}/{shard_name(number)}")
-            tasks += [_TileTask(item, shard_dir) for item in members]
+            tasks += [_TileTask(chip, shard_dir) for chip in members]
             members_of[shard_dir] = members
     infer = not plan.header_committed
-    write = partial(_write_item, header=plan.header, infer=infer, sample_size=sample_size_for(len(plan.items)))
+    # Each chip draws its share of the value sample: a large raster weighs by its area.
+    write = partial(_write_item, header=plan.header, infer=infer, sample_size=sample_size_for(len(plan.chips)))
     facts = pool.map(write, tasks)
     check_consistency(facts, infer)
     header = complete_header(plan.header, facts) if infer else plan.header
     facts_of = {f.item_id: f for f in facts}
     for shard_dir, members in members_of.items():
-        lines = [
-            _index_entry(plan.header.dataset_id, item, plan.assignment[item.item_id], facts_of[item.item_id]).to_json()
-            for item in members
+        entries = [
+            _index_entry(plan.header.dataset_id, chip, plan.assignment[chip.source.item_id], facts_of[chip.item_id])
+            for chip in members
         ]
-        (shard_dir / INDEX_FILENAME).write_text("".join(line + "\n" for line in lines))
+        (shard_dir / INDEX_FILENAME).write_text("".join(entry.to_json() + "\n" for entry in entries))
     return header, facts, shard_names
 
 
-def _index_entry(dataset_id: str, item: DatasetItem, split: str, facts: ItemFacts) -> IndexEntry:
-    target = tile_relpath(TARGETS_DIR, item.item_id) if item.labeled else None
+def _index_entry(dataset_id: str, chip: Chip, split: str, facts: ItemFacts) -> IndexEntry:
+    item = chip.source
+    target = tile_relpath(TARGETS_DIR, chip.item_id) if item.labeled else None
     return IndexEntry(
         dataset_id,
-        item.item_id,
+        chip.item_id,
         item.raw_split,
         split,
-        tile_relpath(INPUTS_DIR, item.item_id),
+        tile_relpath(INPUTS_DIR, chip.item_id),
         item.labeled,
         target,
         input_sha256=facts.sha256[0],
         target_sha256=facts.sha256[1] if item.labeled else None,
+        source_item=None if chip.window is None else item.item_id,
+        window=chip.window,
     )
 
 
@@ -344,6 +458,7 @@ def _report(manifest: dict, manifest_path: Path, elapsed_s: float, reused: bool)
     return ShardBuildReport(
         dataset_id=manifest["dataset_id"],
         counts=manifest["counts"],
+        tile_counts=manifest["tile_counts"],
         n_items=manifest["n_items"],
         n_labeled=manifest["n_labeled"],
         bytes_written=manifest["bytes_written"],
@@ -395,7 +510,7 @@ def build_shards(
     out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
     out_dir.mkdir()
     try:
-        with ItemPool(workers, len(plan.items)) as pool:
+        with ItemPool(workers, len(plan.chips)) as pool:
             # The content hash reads every source byte: one worker does it beside the tile writers.
             data_version = pool.submit(dataset_content_hash, plan.dataset_dir)
             header, facts, shard_names = _write_shards(plan, out_dir, pool)
@@ -418,10 +533,12 @@ def _manifest(
         "dataset_id": header.dataset_id,
         "seed": header.splits.seed,
         "shard_size": header.sharding.shard_size,
+        "chip_size": header.sharding.chip_size,
         "header_hash": header_hash(header),
         "data_version": data_version,
         "build_key": build_key(plan, data_version),
         "counts": plan.counts,
+        "tile_counts": plan.tile_counts,
         "n_items": len(plan.items),
         "n_labeled": sum(item.labeled for item in plan.items),
         "shards": shard_names,
@@ -465,7 +582,27 @@ def _inside(shard_dir: Path, rel: object, where: str, key: str) -> str:
 
 
 _INDEX_TYPES = {"dataset_id": str, "item_id": str, "raw_split": (str, type(None)), "split": str, "has_target": bool}
-_INDEX_OPTIONAL = {"target", "input_sha256", "target_sha256"}
+_INDEX_OPTIONAL = {"target", "input_sha256", "target_sha256", "source_item", "window"}
+
+
+def _chip_keys(data: dict, where: str) -> tuple[str | None, ChipWindow | None]:
+    """A chip's ``source_item`` and ``window`` (both or neither): offsets >= 0, sizes >= 1, integers."""
+    source, window = data.get("source_item"), data.get("window")
+    if (source is None) != (window is None):
+        raise DatasetError(f"{where}: source_item and window go together, got {source!r} and {window!r}")
+    if source is None:
+        return None, None
+    if not isinstance(source, str) or not source:
+        raise DatasetError(f"{where}: source_item: unexpected value {source!r}")
+    if not (
+        isinstance(window, list)
+        and len(window) == 4
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+        and min(window[:2]) >= 0
+        and min(window[2:]) >= 1
+    ):
+        raise DatasetError(f"{where}: window: expected [col_off, row_off, width, height], got {window!r}")
+    return source, tuple(window)
 
 
 def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
@@ -488,6 +625,7 @@ def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
     target = data.get("target")
     if data["has_target"] != (target is not None):
         raise DatasetError(f"{where}: has_target is {data['has_target']} but target is {target!r}")
+    source_item, window = _chip_keys(data, where)
     return IndexEntry(
         data["dataset_id"],
         data["item_id"],
@@ -498,6 +636,8 @@ def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
         None if target is None else _inside(shard_dir, target, where, "target"),
         data.get("input_sha256"),
         data.get("target_sha256"),
+        source_item,
+        window,
     )
 
 
@@ -534,7 +674,8 @@ def iter_split_items(processed_root: str | Path, dataset_id: str, split: str) ->
 
 def tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> list[str]:
     """A tile whose bytes differ from the checksum the build recorded (truncated, altered), or that does not
-    open with what the header reads (input bands, a target of one band and its input's size)."""
+    open with what the header reads (input bands, a chip its window's size, a target of one band and its
+    input's size)."""
     problems = []
     tiles = [(entry.input, entry.input_sha256)]
     if entry.target is not None:
@@ -554,6 +695,8 @@ def tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> 
             facts = raster_facts(src, shard_dir / entry.input)
         if facts.count < header.pixel_rule.band_count_needed:
             return [f"{facts.path}: has {facts.count} bands, the header reads {list(header.pixel_rule.indexes)}"]
+        if entry.window is not None and (facts.width, facts.height) != entry.window[2:]:
+            return [f"{facts.path}: is {facts.width}x{facts.height} (WxH) but its window is {list(entry.window)}"]
         if entry.target is not None:
             with open_raster(shard_dir / entry.target) as tgt:
                 if tgt.count != 1 or tgt.shape != (facts.height, facts.width):
@@ -563,11 +706,59 @@ def tile_problems(shard_dir: Path, entry: IndexEntry, header: DatasetHeader) -> 
     return []
 
 
+def entries_by_source(entries: Iterable[IndexEntry]) -> dict[str, list[IndexEntry]]:
+    """Index entries grouped by source raster, in the order met."""
+    grouped: dict[str, list[IndexEntry]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.source, []).append(entry)
+    return grouped
+
+
+def coverage_problems(source: str, windows: Sequence[ChipWindow], height: int, width: int) -> list[str]:
+    """Whether a source's chip windows tile its height x width pixels exactly: none outside, none twice, none
+    left out."""
+    for window in windows:
+        col, row, w, h = window
+        if col + w > width or row + h > height:
+            return [f"{source}: chip window {list(window)} reaches outside the {width}x{height} (WxH) raster"]
+    # Counted on the grid of every window edge: each cell of it lies wholly inside a window or wholly outside.
+    cols = sorted({0, width, *(c for c, _, _, _ in windows), *(c + w for c, _, w, _ in windows)})
+    rows = sorted({0, height, *(r for _, r, _, _ in windows), *(r + h for _, r, _, h in windows)})
+    col_at, row_at = {c: i for i, c in enumerate(cols)}, {r: i for i, r in enumerate(rows)}
+    cover = np.zeros((len(rows) - 1, len(cols) - 1), dtype=np.int64)
+    for col, row, w, h in windows:
+        cover[row_at[row] : row_at[row + h], col_at[col] : col_at[col + w]] += 1
+    problems = []
+    for wrong, what in ((cover > 1, "is in more than one chip"), (cover == 0, "is in no chip")):
+        if wrong.any():
+            r, c = np.argwhere(wrong)[0]
+            problems.append(f"{source}: pixel (row {rows[r]}, col {cols[c]}) {what} of the {width}x{height} raster")
+    return problems
+
+
+def source_problems(source: str, entries: Sequence[IndexEntry], size: tuple[int, int] | None) -> list[str]:
+    """A source raster's items: all in one split, and tiling it exactly. ``size``: the source's (height, width);
+    None when the source is not at hand: the chips must then tile their bounding box."""
+    problems = []
+    if len(splits := sorted({entry.split for entry in entries})) > 1:
+        problems.append(f"{source}: its chips are in splits {splits}, all must be in its one split")
+    if len(entries) == 1 and entries[0].window is None:
+        return problems
+    if size is None:
+        if any(entry.window is None for entry in entries):
+            return [*problems, f"{source}: is an item whole and also {len(entries) - 1} other item(s)"]
+        size = (max(e.window[1] + e.window[3] for e in entries), max(e.window[0] + e.window[2] for e in entries))
+    height, width = size
+    windows = [(0, 0, width, height) if entry.window is None else entry.window for entry in entries]
+    return problems + coverage_problems(source, windows, height, width)
+
+
 def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
     """Problems with a built dataset (empty list = sound): manifest and index readable, every index path
-    inside its shard, every item in exactly one split, the assignment equal to the split rule's, counts
-    equal to the manifest's, every tile's bytes equal to the checksum the build recorded, every input opening
-    with the bands the header reads and every target with its input's shape."""
+    inside its shard, every item in exactly one split, every source raster's chips in one split and tiling
+    their bounding box, the assignment of sources equal to the split rule's, source and tile counts equal to
+    the manifest's, every tile's bytes equal to the checksum the build recorded, every input opening with the
+    bands the header reads (a chip with its window's size) and every target with its input's shape."""
     root = Path(processed_root) / dataset_id
     try:
         manifest = read_manifest(processed_root, dataset_id)
@@ -591,18 +782,25 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
                     problems.append(f"{shard_dir}: item {entry.item_id!r} is also in split {other!r}")
                 seen[entry.item_id] = entry
                 problems += tile_problems(shard_dir, entry, header)
-    actual = {item_id: entry.split for item_id, entry in seen.items()}
+    of_source = entries_by_source(seen.values())
+    for source, entries in of_source.items():
+        problems += [f"{root}: {problem}" for problem in source_problems(source, entries, None)]
+    tiles = split_counts({item_id: entry.split for item_id, entry in seen.items()})
+    if tiles != manifest.get("tile_counts"):
+        problems.append(f"{root}: tile counts {tiles} differ from the manifest's {manifest.get('tile_counts')}")
+    actual = {source: entries[0].split for source, entries in of_source.items()}
     if split_counts(actual) != manifest["counts"]:
         problems.append(f"{root}: split counts {split_counts(actual)} differ from the manifest's {manifest['counts']}")
+    firsts = {source: entries[0] for source, entries in of_source.items()}
     items = [
-        DatasetItem(e.item_id, Path(e.input), None if e.target is None else Path(e.target), e.raw_split)
-        for e in seen.values()
+        DatasetItem(source, Path(e.input), None if e.target is None else Path(e.target), e.raw_split)
+        for source, e in firsts.items()
     ]
     try:
         expected = assign_splits(items, header, manifest.get("pinned"))
     except DatasetError as exc:
         return [*problems, str(exc)]
-    if moved := sorted(item_id for item_id in actual if expected[item_id] != actual[item_id]):
+    if moved := sorted(source for source in actual if expected[source] != actual[source]):
         problems.append(
             f"{root}: {len(moved)} items are not where the split rule puts them, e.g. {moved[0]!r} is in "
             f"{actual[moved[0]]!r}, the rule says {expected[moved[0]]!r}"
@@ -634,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "dataset_id": dataset_id,
                     "dry_run": True,
                     "counts": plan.counts,
+                    "tile_counts": plan.tile_counts,
                     "shards": shards,
                     "header": "committed" if plan.header_committed else "inferred",
                 }

@@ -1,5 +1,8 @@
 """Deterministic split of a dataset's items into train | metrics_train | val.
 
+Items are source rasters: a raster the shard build cuts into chips is one item here, and all its chips
+follow it (``training_core.shards``), so no area of one raster is in two splits.
+
 The rule (DESIGN.md "Deterministic split"):
 
 - Unlabeled items (no target) go to ``train``.

@@ -11,7 +11,8 @@ from assets.datasets import dataset_header, processed_shards, raw_dataset
 from assets.resources import ProjectPaths
 from assets.training import trained_model
 from training_core.datasets.discovery import dataset_content_hash
-from training_core.datasets.schema import load_header
+from training_core.datasets.scan import extract_header
+from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict, load_header
 from training_core.shards import INDEX_FILENAME, build_shards, shard_dirs
 
 DATA_PLANE_CHECKS = [
@@ -125,3 +126,69 @@ def test_processed_shards_manifest_records_the_raw_content_hash(resources: dict,
     paths: ProjectPaths = resources["paths"]
     manifest = json.loads((Path(paths.processed_root) / "unlabeled_scenes" / "manifest.json").read_text())
     assert manifest["data_version"] == dataset_content_hash(paths.dataset_dir("unlabeled_scenes"))
+
+
+def commit_chip_size(dataset_dir: Path, chip_size: int) -> None:
+    """Commit the dataset's extracted header with ``sharding.chip_size`` set."""
+    data = extract_header(dataset_dir).model_dump()
+    data["sharding"]["chip_size"] = chip_size
+    dump_header(header_from_dict(data, dataset_dir), dataset_dir / HEADER_FILENAME)
+
+
+def test_chipped_shards_materialize_with_tiles_metadata_and_passing_checks(
+    resources: dict, instance: dg.DagsterInstance, extracted_root: Path
+) -> None:
+    """quebec's two 512x512 tiles at chip 256: 4 chips each, counted by source in the split counts."""
+    commit_chip_size(extracted_root / "quebec_buildings", 256)
+    result = dg.materialize(
+        [dataset_header, processed_shards, *DATA_PLANE_CHECKS],
+        resources=resources,
+        instance=instance,
+        partition_key="quebec_buildings",
+    )
+    assert result.success
+    (shards,) = result.asset_materializations_for_node("processed_shards")
+    metadata = {key: value.value for key, value in shards.metadata.items()}
+    assert (metadata["count_train"], metadata["count_metrics_train"], metadata["count_val"]) == (0, 1, 1)
+    assert (metadata["tiles"], metadata["n_items"]) == (8, 2)
+    evaluations = result.get_asset_check_evaluations()
+    assert len(evaluations) == len(DATA_PLANE_CHECKS) and all(evaluation.passed for evaluation in evaluations)
+
+
+def test_checks_follow_chips_to_their_source(
+    resources: dict, instance: dg.DagsterInstance, extracted_root: Path, monkeypatch
+) -> None:
+    """The val source loses its right column of chips (its bounding box still tiles exactly: only the source's
+    size shows the loss) and one chip moves to metrics_train: the checks name the source."""
+    commit_chip_size(extracted_root / "quebec_buildings", 256)
+    cut: dict[str, str] = {}
+
+    def build_and_cut_chips(*args, **kwargs):
+        report = build_shards(*args, **kwargs)
+        processed_root, dataset_id = args[1], args[2]
+        (val,) = shard_dirs(processed_root, dataset_id, "val")
+        (metrics,) = shard_dirs(processed_root, dataset_id, "metrics_train")
+        lines = [json.loads(line) for line in (val / INDEX_FILENAME).read_text().splitlines()]
+        kept = [line for line in lines if not line["item_id"].endswith("_c256")]
+        moved = kept.pop(0) | {"split": "metrics_train"}
+        cut["source"] = moved["source_item"]
+        (val / INDEX_FILENAME).write_text("".join(json.dumps(line) + "\n" for line in kept))
+        with (metrics / INDEX_FILENAME).open("a") as index:
+            index.write(json.dumps(moved) + "\n")
+        return report
+
+    monkeypatch.setattr(assets.datasets, "build_shards", build_and_cut_chips)
+    result = dg.materialize(
+        [dataset_header, processed_shards, *DATA_PLANE_CHECKS],
+        resources=resources,
+        instance=instance,
+        partition_key="quebec_buildings",
+        raise_on_error=False,
+    )
+    failed = {e.check_name: e.metadata["problems"].value for e in result.get_asset_check_evaluations() if not e.passed}
+    source = cut["source"]
+    assert f"{source}: in ['metrics_train', 'val'], the rule says 'val'" in failed["split_counts_follow_rule"]
+    in_one_split = failed["every_item_in_one_split"]
+    assert f"{source}: its chips are in splits ['metrics_train', 'val']" in in_one_split
+    assert f"{source}: pixel (row 0, col 256) is in no chip of the 512x512 raster" in in_one_split
+    assert "tiles_intact_and_readable" in failed  # the moved chip's tiles are not in the metrics_train shard

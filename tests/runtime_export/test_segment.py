@@ -1,9 +1,10 @@
 """Whole-raster segmentation: one prototype set, seam-free tiling, nodata, georeferencing, the pixel rule,
-atomic output with ordinary permissions."""
+atomic output with ordinary permissions, the scratch file between the passes, progress on stderr."""
 
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 import stat
@@ -117,6 +118,7 @@ def test_bad_arguments(small_artifact: Path, tmp_path: Path) -> None:
         segment_raster(model, rgb, tmp_path / "out.tif", k=9)
     with pytest.raises(ValueError, match="nodata label 3"):
         segment_raster(model, rgb, tmp_path / "out.tif", k=4, nodata_label=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no scratch folder either
 
 
 def test_failure_leaves_no_output(small_artifact: Path, tmp_path: Path, monkeypatch) -> None:
@@ -125,10 +127,10 @@ def test_failure_leaves_no_output(small_artifact: Path, tmp_path: Path, monkeypa
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(segment_module, "_assign_tile", crash)
+    monkeypatch.setattr(segment_module, "_assign_tile", crash)  # pass 2, the scratch file written
     with pytest.raises(RuntimeError, match="disk full"):
         segment_raster(load_runtime_model(small_artifact), rgb, tmp_path / "out.tif", k=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no output, no scratch folder
 
 
 BORDER = 12  # invalid pixels around the synthetic scenes
@@ -227,10 +229,28 @@ def test_output_has_ordinary_permissions(small_artifact: Path, tmp_path: Path, u
     assert stat.S_IMODE(out.parent.stat().st_mode) == 0o755
 
 
-def _limit_file_size() -> None:
-    """Child: writes past 8 KiB fail with EFBIG (like a full disk) instead of killing the process."""
+def _ignore_file_size_signal() -> None:
+    """Child: writes past RLIMIT_FSIZE fail with EFBIG (like a full disk) instead of killing the process."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def _limit_file_size() -> None:
+    """Child: writes past 8 KiB fail, from the start."""
+    _ignore_file_size_signal()
     resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+
+
+# Runs segment's CLI with writes past 8 KiB failing from pass 2 on: the scratch file is written, the labels fail.
+LIMIT_FROM_PASS_2 = """
+import resource, sys
+from runtime_export import segment
+assign = segment._assign_tile
+def limited(*args):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+    return assign(*args)
+segment._assign_tile = limited
+sys.exit(segment.main(sys.argv[1:]))
+"""
 
 
 def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: Path) -> None:
@@ -240,8 +260,8 @@ def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: 
     assert out.stat().st_size > 8 * 1024  # the limit below cuts a rewrite short
     before = out.read_bytes()
     child = subprocess.run(
-        [sys.executable, "-m", "runtime_export.segment", *argv[:-1], "7"],
-        preexec_fn=_limit_file_size,
+        [sys.executable, "-c", LIMIT_FROM_PASS_2, *argv[:-1], "7"],
+        preexec_fn=_ignore_file_size_signal,
         capture_output=True,
         text=True,
         timeout=300,
@@ -254,4 +274,66 @@ def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: 
     assert errors == [child.stderr.splitlines()[-1]], child.stderr
     assert errors[0].startswith(f"error: {out}: cannot write the labels, a previous file is left as it was: ")
     assert out.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # no temp file left
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # no temp file, no scratch folder left
+
+
+def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.tif"
+    out.write_bytes(b"previous")
+    argv = ["--model", str(small_artifact), "--input", str(SCENE), "--output", str(out), "--k", "6"]
+    child = subprocess.run(
+        [sys.executable, "-m", "runtime_export.segment", *argv],
+        preexec_fn=_limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (child.returncode, child.stdout) == (1, "")
+    assert re.fullmatch(
+        rf"error: {tmp_path}/\.segment-scratch-\w+/embeddings\.f32: cannot reserve 3 MB of scratch space for the "
+        r"cell embeddings \(free some, or pass --scratch-dir\): \[Errno 27\] File too large",
+        child.stderr.strip(),
+    ), child.stderr
+    assert out.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+
+
+def test_scratch_file_lives_beside_the_output_until_the_end(small_artifact: Path, tmp_path: Path, monkeypatch) -> None:
+    model = load_runtime_model(small_artifact)
+    seen: list[tuple[Path, int]] = []
+    assign = segment_module._assign_tile
+
+    def spy(model, spill, tile, prototypes):
+        seen.append((spill.path, spill.path.stat().st_size))
+        return assign(model, spill, tile, prototypes)
+
+    monkeypatch.setattr(segment_module, "_assign_tile", spy)
+    report = segment_raster(model, SCENE, tmp_path / "out.tif", k=3, tile_size=256)
+    (path, size), *_ = seen
+    assert path.parent.parent == tmp_path and path.parent.name.startswith(".segment-scratch-")
+    assert size == report.scratch_bytes == 180 * 198 * 19 * 4  # (H/4) (W/4) D' float32, D' = 16 + 3 colours
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+    segment_raster(model, SCENE, tmp_path / "again.tif", k=3, tile_size=256, scratch_dir=tmp_path / "scratch")
+    assert seen[-1][0].parent.parent == tmp_path / "scratch"
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_progress_lines_on_stderr_unless_quiet(small_artifact: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    argv = ["--model", str(small_artifact), "--input", str(SCENE), "--output", str(tmp_path / "out.tif"), "--k", "3"]
+    argv += ["--tile-size", "256"]  # 12 tiles
+    monkeypatch.setattr(segment_module, "PROGRESS_SECONDS", 0.0)  # a line for every tile
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and json.loads(captured.out)["tiles"] == 12
+    lines = captured.err.splitlines()
+    assert all(re.fullmatch(r"segment: pass [12]/2 tile \d+/12, \d+\.\d MP/s", line) for line in lines), lines
+    assert [line.split(",")[0] for line in lines] == [
+        f"segment: pass {p}/2 tile {i}/12" for p in (1, 2) for i in range(1, 13)
+    ]
+    monkeypatch.setattr(segment_module, "PROGRESS_SECONDS", 3600.0)  # the last tile of each pass only
+    assert main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["segment: pass 1/2 tile 12/12", "segment: pass 2/2 tile 12/12"]
+    assert main([*argv, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and json.loads(captured.out)["tiles"] == 12

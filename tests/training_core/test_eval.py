@@ -16,17 +16,20 @@ from training_core.config import ModelConfig, TrainConfig
 from training_core.datasets.pixels import PixelRule
 from training_core.eval import (
     BASELINE,
+    CONSTANT,
     MODEL,
+    UNTRAINED,
+    KMeansRGB,
     LabeledTile,
-    baseline_fit_fn,
+    RuntimeMethod,
+    SplitTiles,
     evaluate_checkpoint,
-    evaluate_dataset,
+    evaluate_model,
     evaluate_tiles,
     main,
-    model_fit_fn,
     read_tile,
     render_comparison,
-    split_tiles,
+    runtime_of,
 )
 from training_core.model import SegmentationModel
 from training_core.shards import build_shards
@@ -40,13 +43,20 @@ def _tile(index: int, label: np.ndarray) -> LabeledTile:
     return LabeledTile(f"t{index}", rgb, label)
 
 
-def _lookup_predictor(predictions: dict[int, np.ndarray]):
-    """A method whose 'fit' learns nothing and whose predictor looks the answer up by tile."""
+class _lookup_predictor:  # noqa: N801 (a test double used like a function)
+    """A method whose fit learns nothing and whose prediction is looked up by tile (at every K)."""
 
-    def fit(tiles: list[np.ndarray], k: int):
-        return lambda rgb: predictions[int(rgb[0, 0, 0])]
+    def __init__(self, predictions: dict[int, np.ndarray]) -> None:
+        self.predictions = predictions
 
-    return fit
+    def observe(self, tile: LabeledTile, index: int) -> None:
+        pass
+
+    def fit(self, ks: list[int]) -> None:
+        self.ks = ks
+
+    def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]:
+        return dict.fromkeys(self.ks, self.predictions[int(rgb[0, 0, 0])])
 
 
 def test_mapping_is_fitted_on_metrics_train_never_on_val() -> None:
@@ -76,7 +86,7 @@ def test_all_ignored_val_tiles_give_no_scores_but_proxies() -> None:
 
 def _small_model(seed: int = 0) -> tuple[SegmentationModel, TrainConfig]:
     torch.manual_seed(seed)
-    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8))
+    config = TrainConfig(model=ModelConfig(embed_dim=16, max_k=8), seed=seed)
     return SegmentationModel(config.model).eval(), config
 
 
@@ -91,16 +101,15 @@ def test_real_tiles_model_and_baseline_side_by_side(tmp_path: Path) -> None:
         )
         for n in names
     ]
-    model, _ = _small_model()
-    report = evaluate_tiles(
-        {MODEL: model_fit_fn(model), BASELINE: baseline_fit_fn(0)}, tiles[:1], tiles[1:], k=2, n_classes=2
-    )
+    model, config = _small_model()
+    methods = {MODEL: RuntimeMethod(runtime_of(model, config), step=1), BASELINE: KMeansRGB(step=1, seed=0)}
+    report = evaluate_tiles(methods, tiles[:1], tiles[1:], k=2, n_classes=2)
     labeled_val_pixels = sum(int((t.label > 0).sum()) for t in tiles[1:])
     for name in (MODEL, BASELINE):
         hungarian = report.methods[name].hungarian
         assert hungarian.n_pixels == labeled_val_pixels
         assert 0.0 <= hungarian.miou <= 1.0 and set(hungarian.per_class_iou) == {"1", "2"}
-        assert report.methods[name].majority.k == 2
+        assert report.methods[name].majority.k == 2 and report.methods[name].majority_k8.k == 8
         assert set(report.methods[name].proxies) == {
             "utilisation",
             "usage_entropy",
@@ -150,30 +159,95 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_checkpoint(path, model=model, optimizer=optimizer, step=3, config=config)
 
 
-def test_evaluate_checkpoint_on_shards(quebec_shards: Path, checkpoint: Path) -> None:
+def test_evaluate_checkpoint_on_shards_scores_the_model_beside_its_controls(
+    quebec_shards: Path, checkpoint: Path
+) -> None:
     report = evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings")
-    assert report.k == 2 and report.mapping_fitted_on == "metrics_train"
+    assert report.k == 2 and report.k_majority == 8 and report.mapping_fitted_on == "metrics_train"
     assert (report.n_fit_tiles, report.n_eval_tiles) == (1, 1)
     assert report.checkpoint_step == 3 and report.data_version
-    assert report.methods[MODEL].hungarian.n_pixels == 512 * 512
+    assert set(report.methods) == {MODEL, UNTRAINED, BASELINE, CONSTANT}
+    for method in report.methods.values():
+        assert method.hungarian.n_pixels == 512 * 512 and method.majority_k8.k == 8
+    # The checkpoint holds the seed-0 initial weights: training changed nothing, so the untrained twin
+    # (same architecture, same seed, same inference) scores exactly the same.
+    assert report.miou(UNTRAINED) == report.miou(MODEL)
+    # The constant predictor is the most frequent class everywhere: IoU of one class, 0 for the other.
+    constant = report.methods[CONSTANT].hungarian
+    assert sorted(v for v in constant.per_class_iou.values())[0] == 0.0
+    scores = report.to_dict()["scores"]
+    assert set(scores) == set(report.methods) and all(
+        set(row) == {"hungarian_miou", "majority_k8_miou"} for row in scores.values()
+    )
     with pytest.raises(ValueError, match="max_k"):
         evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings", k=9)
 
 
-def test_evaluate_dataset_fits_on_the_metrics_train_shards(quebec_shards: Path) -> None:
+def test_evaluate_fits_the_mapping_on_the_metrics_train_shards(quebec_shards: Path) -> None:
     """A predictor right on metrics_train and swapped on val scores 0: the mapping came from metrics_train."""
     answers: dict[bytes, np.ndarray] = {}
     for split, swap in (("metrics_train", False), ("val", True)):
-        for tile in split_tiles(quebec_shards, "quebec_buildings", split):
+        for tile in SplitTiles(quebec_shards, "quebec_buildings", split):
             cluster = np.clip(tile.label.astype(np.int64) - 1, 0, 1)
             answer = (1 - cluster if swap else cluster).astype(np.uint8)
             answers[tile.rgb.tobytes()] = answer
             answers[np.ascontiguousarray(tile.rgb[:, :, ::-1]).tobytes()] = answer[:, ::-1]  # the flipped view
-    report = evaluate_dataset(
-        lambda tiles, k: lambda rgb: answers[rgb.tobytes()], quebec_shards, "quebec_buildings", k=2
-    )
+
+    class Answers(_lookup_predictor):
+        def predict(self, rgb: np.ndarray, valid: np.ndarray | None) -> dict[int, np.ndarray]:
+            return dict.fromkeys(self.ks, answers[rgb.tobytes()])
+
+    fit, val = (SplitTiles(quebec_shards, "quebec_buildings", split) for split in ("metrics_train", "val"))
+    report = evaluate_tiles({MODEL: Answers({})}, fit, val, k=2, n_classes=2)
     assert report.mapping_fitted_on == "metrics_train" and report.val_miou == 0.0
-    assert report.miou(BASELINE) is not None
+
+
+def test_streaming_evaluation_equals_fitting_on_all_tiles_in_memory(quebec_shards: Path) -> None:
+    """The streamed lattice sample gives the prototypes and labels of one soft k-means over every tile's cells
+    held in memory at once (raster order), so the same confusion matrices."""
+    from runtime_export.runtime import soft_kmeans
+    from training_core.metrics import confusion_matrix, hungarian_scores
+
+    model, config = _small_model()
+    runtime = runtime_of(model, config)
+    tiles = [t for split in ("metrics_train", "val") for t in SplitTiles(quebec_shards, "quebec_buildings", split)]
+    streamed = evaluate_tiles({MODEL: RuntimeMethod(runtime, step=1)}, tiles[:1], tiles[1:], k=2, n_classes=2)
+
+    embeddings = [runtime.embed(t.rgb) for t in tiles]  # 512 x 512 tiles, all valid: nothing to fill or pad
+    cells = np.concatenate([e.embeddings for e in embeddings])
+    seeds = np.concatenate([e.seed_logits[:, :2] for e in embeddings])
+    _, prototypes = soft_kmeans(cells, seeds, runtime.cluster_iters, runtime.temperature)
+    conf = [
+        confusion_matrix(runtime.labels_from_assignment(runtime.assign(e, prototypes), e), t.label, 2, 2)
+        for e, t in zip(embeddings, tiles, strict=True)
+    ]
+    expected = hungarian_scores(conf[0], conf[1])
+    assert streamed.methods[MODEL].hungarian == expected
+
+
+def test_evaluation_and_segment_give_the_same_labels(tmp_path: Path) -> None:
+    """One raster, one prototype procedure: evaluation's labels are segment's labels."""
+    from runtime_export.export import export_model
+    from runtime_export.runtime import load_runtime_model
+    from runtime_export.segment import segment_raster
+
+    model, config = _small_model()
+    artifact = export_model(model, config, tmp_path / "artifact", {}, {})
+    runtime = load_runtime_model(artifact)
+    raster = SAMPLE_ROOT / "quebec_buildings/images/tile_1.tif"
+    tile = read_tile("tile_1", raster, None, PixelRule())
+    method = RuntimeMethod(runtime, step=1)
+    method.observe(tile, 0)
+    method.fit([4])
+    segment_raster(runtime, raster, tmp_path / "labels.tif", 4)
+    with rasterio.open(tmp_path / "labels.tif") as src:
+        np.testing.assert_array_equal(src.read(1), method.predict(tile.rgb, tile.valid)[4])
+
+
+def test_evaluate_model_streams_a_whole_dataset(quebec_shards: Path) -> None:
+    model, config = _small_model()
+    report = evaluate_model(model, config, quebec_shards, "quebec_buildings", k=3)
+    assert report.k == 3 and report.miou(MODEL) is not None and report.miou(CONSTANT) is not None
 
 
 def test_cli_shards_report_to_stdout_and_file(quebec_shards: Path, checkpoint: Path, tmp_path: Path, capsys) -> None:
@@ -221,10 +295,10 @@ def test_baseline_fits_one_set_of_centres_for_the_dataset() -> None:
         )
         for n in names
     ]
-    report = evaluate_tiles({BASELINE: baseline_fit_fn(0)}, [], tiles, k=2, n_classes=2)
+    baseline = KMeansRGB(step=1, seed=0)
+    report = evaluate_tiles({BASELINE: baseline}, [], tiles, k=2, n_classes=2)
     assert report.mapping_fitted_on == "val"
     assert report.miou(BASELINE) == pytest.approx(0.465, abs=0.005)
     # One set of centres: the same colour gets the same cluster id in every tile.
-    predict = baseline_fit_fn(0)([t.rgb for t in tiles], 2)
     dark, bright = np.zeros((3, 1, 1), np.uint8), np.full((3, 1, 1), 255, np.uint8)
-    assert predict(dark)[0, 0] == 0 and predict(bright)[0, 0] == 1
+    assert baseline.predict(dark, None)[2][0, 0] == 0 and baseline.predict(bright, None)[2][0, 0] == 1

@@ -53,6 +53,8 @@ def test_kampala_counts_manifest_and_layout(kampala_built, sample_extracted: Pat
     manifest = read_manifest(processed, KAMPALA)
     header = extract_header(sample_extracted / KAMPALA)
     assert manifest["counts"] == report.counts and manifest["seed"] == 42
+    # 256x256 tiles fit the default 1024 chip: one item each, so tiles and sources count alike.
+    assert manifest["tile_counts"] == report.tile_counts == report.counts and manifest["chip_size"] == 1024
     assert manifest["header_hash"] == header_hash(header) == report.header_hash
     assert manifest["data_version"] == report.data_version and len(report.data_version) == 64
     assert sorted(p.name for p in (processed / KAMPALA).iterdir()) == sorted(
@@ -217,7 +219,8 @@ def test_cli_builds_and_dry_run_writes_nothing(kampala_copy: Path, tmp_path: Pat
     args = ["--extracted-root", str(kampala_copy), "--processed-root", str(tmp_path / "p"), "--workers", "1"]
     assert main([*args, "--dry-run", "--shard-size", "20"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["counts"] == {"train": 32, "metrics_train": 4, "val": 12} and plan["shards"]["train"] == 2
+    assert plan["counts"] == plan["tile_counts"] == {"train": 32, "metrics_train": 4, "val": 12}
+    assert plan["shards"]["train"] == 2
     assert not (tmp_path / "p").exists()
     assert main([*args, "--dataset-id", KAMPALA, "--seed", "3"]) == 0
     report = json.loads(capsys.readouterr().out)

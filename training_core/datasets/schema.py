@@ -142,6 +142,17 @@ class Sharding(_Strict):
     layout_version: Literal[0] = 0
     copy_mode: Literal["copy"] = "copy"
     force_uncompressed_tiff: bool = Field(True, description="false keeps each source file's compression")
+    chip_size: int = Field(
+        1024,
+        ge=64,
+        multiple_of=16,
+        description=(
+            "rasters taller or wider than this are cut into chips of at most chip_size x chip_size pixels, one "
+            "item each: training patches are 256, so a chip holds 16 of them, and a 1024 chip is 3 MB as uint8 "
+            "RGB, 8 MB as 4-band uint16, so loaders and evaluation hold one small chip at a time, never a whole "
+            "orthophoto; the 256 and 512 sample tiles stay one item each"
+        ),
+    )
 
 
 class ValidationMetrics(_Strict):
