@@ -7,7 +7,7 @@ cluster-to-class mapping), scored on the ``val`` pixels like the clustering, mea
 labels are in the embedding at all. Three probes: the appended colour alone, the encoder features
 alone, and both. When the probe is well above the clustering, the features hold the split and the
 clustering picks another one; when they are close, better features are what is missing
-(docs/MODEL_NOTES.md, sweep 7). One JSON line per labeled dataset.
+(docs/MODEL_NOTES.md). One JSON line per labeled dataset.
 
     python bench/quality.py --seed 1 --threads 2 --work-dir /tmp/q     # keeps /tmp/q/ckpt-1/last.pt
     python bench/probe.py --checkpoint /tmp/q/ckpt-1/last.pt --seed 1

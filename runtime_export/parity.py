@@ -18,7 +18,7 @@ MIN_LABEL_AGREEMENT = 0.999
 # soft k-means logits by two to three orders of magnitude, and iterated soft k-means at temperature 0.1
 # then amplifies float32 rounding: the runtime against itself in float64 differs by up to 1.3e-3 in a
 # probability on untrained models, and torch against numpy by up to 1.4e-2 after 4 rounds at K = 16 (six
-# untrained models on sample tiles, labels >= 99.996% equal; 2.4e-5 on sweep 5's trained sample model).
+# untrained models on sample tiles, labels >= 99.996% equal; 2.4e-5 on a trained sample model).
 # So the probability bound is set by float32's own fidelity, 2e-2, and the label bound (99.9%) is what
 # catches a real divergence: a wrong weight or op moves labels by percent, not parts per million.
 MAX_PROB_DIFF = 2e-2

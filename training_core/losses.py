@@ -11,7 +11,7 @@ on the patch size nor on the K drawn for the step. Targets never reach this modu
 - cross-view mutual information (maximised, so it enters negated; IIC): the seed head's clustering of
   a cell should be predictable from the other view's, over the whole batch. Unlike the per-image soft
   k-means terms it ties cluster ids across images, and uniform assignments are its minimum (0), which
-  training moves away from, not a resting point it is drawn into (docs/MODEL_NOTES.md, sweep 3).
+  training moves away from, not a resting point it is drawn into.
 
 Pixels outside the data (padding of small rasters, nodata) carry weight 0 in every term.
 """

@@ -58,7 +58,7 @@ def test_config_this_code_cannot_load_names_the_checkpoint_and_the_key(tmp_path:
     path = tmp_path / step_checkpoint_name(7)
     _save(path, _tiny_config())
     checkpoint = torch.load(path, weights_only=True)
-    checkpoint["config"]["model"]["colour_weight"] = 2.0  # the field sweep 6 replaced
+    checkpoint["config"]["model"]["colour_weight"] = 2.0  # a field this code no longer has
     torch.save(checkpoint, path)
     with pytest.raises(ValueError, match=rf"(?s)checkpoint {path}: .*model\.colour_weight.*Extra inputs"):
         model_from_checkpoint(path)
