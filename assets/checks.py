@@ -1,8 +1,9 @@
 """Asset checks. Blocking checks stop everything downstream when data is wrong (Dagster skips the
 downstream steps and the UI shows the failed check and its problems); the quality check only warns.
 
-Data-plane checks are partitioned like their assets and report per dataset; each collects every
-problem instead of stopping at the first, so one run shows everything that needs fixing.
+Data-plane checks are partitioned like their assets and log one result per dataset, also in a run over
+several (``assets.lineage.partition_check_evaluation``): each dataset passes or fails on its own problems,
+all of them collected instead of stopping at the first, so one run shows everything that needs fixing.
 """
 
 from collections import Counter
@@ -12,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.datasets import DATASETS, dataset_header, processed_shards
+from assets.lineage import partition_check_evaluation
 from assets.resources import ProjectPaths
 from training_core.datasets.discovery import DatasetItem, discover_items
 from training_core.datasets.errors import DatasetError
@@ -28,9 +30,11 @@ from training_core.shards import (
 )
 from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits
 
+CheckEvent = dg.AssetCheckEvaluation | dg.Output
+
 
 @dg.asset_check(asset=dataset_header, partitions_def=DATASETS, blocking=True)
-def header_matches_files(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+def header_matches_files(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> Iterator[CheckEvent]:
     """Every file of the dataset opens and agrees with the header (bands, dtype, CRS, labels, pairing)."""
 
     def problems(dataset_id: str) -> list[str]:
@@ -38,11 +42,11 @@ def header_matches_files(context: dg.AssetCheckExecutionContext, paths: ProjectP
         validate_dataset(paths.dataset_dir(dataset_id), header)
         return []
 
-    return per_dataset_result(partition_keys(context), problems)
+    yield from per_dataset_results(context, problems)
 
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
-def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> Iterator[CheckEvent]:
     """Each item (source raster) of the raw dataset appears in exactly one split of the shards, and nothing
     else does: its chips are all in that split and tile the source raster exactly (no pixel twice or lost)."""
 
@@ -63,11 +67,11 @@ def every_item_in_one_split(context: dg.AssetCheckExecutionContext, paths: Proje
             found += source_problems(source, chips, size)
         return found
 
-    return per_dataset_result(partition_keys(context), problems)
+    yield from per_dataset_results(context, problems)
 
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
-def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> Iterator[CheckEvent]:
     """Every item (source raster, with all its chips) sits in the split the deterministic rule gives it; with
     the default policy the counts of sources are exactly half-up(fraction x labeled) metrics_train, the other
     labeled val, the unlabeled train."""
@@ -94,11 +98,11 @@ def split_counts_follow_rule(context: dg.AssetCheckExecutionContext, paths: Proj
                 found.append(f"split counts {counts} differ from the rule's {expected}")
         return found
 
-    return per_dataset_result(partition_keys(context), problems)
+    yield from per_dataset_results(context, problems)
 
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
-def index_paths_inside_shard(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+def index_paths_inside_shard(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> Iterator[CheckEvent]:
     """Every path in every ``index.jsonl`` is relative and resolves inside its shard directory."""
 
     def problems(dataset_id: str) -> list[str]:
@@ -117,11 +121,11 @@ def index_paths_inside_shard(context: dg.AssetCheckExecutionContext, paths: Proj
                 ]
         return found
 
-    return per_dataset_result(partition_keys(context), problems)
+    yield from per_dataset_results(context, problems)
 
 
 @dg.asset_check(asset=processed_shards, partitions_def=DATASETS, blocking=True)
-def tiles_intact_and_readable(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
+def tiles_intact_and_readable(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> Iterator[CheckEvent]:
     """Every tile's bytes equal the checksum its build recorded (no truncated or altered tile); every input
     has the bands its header reads; every target is one band of its input's height x width."""
 
@@ -132,7 +136,7 @@ def tiles_intact_and_readable(context: dg.AssetCheckExecutionContext, paths: Pro
             found += tile_problems(shard_dir, entry, header)
         return found
 
-    return per_dataset_result(partition_keys(context), problems)
+    yield from per_dataset_results(context, problems)
 
 
 def index_entries(processed_root: str, dataset_id: str) -> Iterator[tuple[str, Path, IndexEntry]]:
@@ -156,26 +160,21 @@ def entry_paths(shard_dir: Path, entries: list[IndexEntry]) -> Iterator[Path]:
             yield shard_dir / entry.target
 
 
-def partition_keys(context: dg.AssetCheckExecutionContext) -> list[str]:
-    return list(context.op_execution_context.partition_keys)
-
-
-def per_dataset_result(dataset_ids: list[str], problems_of: Callable[[str], list[str]]) -> dg.AssetCheckResult:
-    """One check result for a run's datasets: passed when none has a problem; a bad-input error is a problem."""
-    problems: dict[str, list[str]] = {}
-    for dataset_id in dataset_ids:
+def per_dataset_results(
+    context: dg.AssetCheckExecutionContext, problems_of: Callable[[str], list[str]]
+) -> Iterator[CheckEvent]:
+    """One result per dataset of the run: passed when it has no problem; a bad-input error is a problem."""
+    for dataset_id in context.op_execution_context.partition_keys:
         try:
-            problems[dataset_id] = problems_of(dataset_id)
+            problems = problems_of(dataset_id)
         except (DatasetError, OSError) as exc:
-            problems[dataset_id] = [str(exc)]
-    failing = {dataset_id: found for dataset_id, found in problems.items() if found}
-    report = "\n".join(f"- **{dataset_id}**: {problem}" for dataset_id, found in failing.items() for problem in found)
-    return dg.AssetCheckResult(
-        passed=not failing,
-        description=report.splitlines()[0] if failing else None,
-        metadata={
-            "datasets": dataset_ids,
-            "failing_datasets": sorted(failing),
-            "problems": dg.MetadataValue.md(report or "none"),
-        },
-    )
+            problems = [str(exc)]
+        report = "\n".join(f"- {problem}" for problem in problems)
+        yield partition_check_evaluation(
+            context,
+            dataset_id,
+            passed=not problems,
+            description=problems[0] if problems else None,
+            metadata={"n_problems": len(problems), "problems": dg.MetadataValue.md(report or "none")},
+        )
+    yield dg.Output(None)  # the check's own output, which the steps a blocking check guards wait for

@@ -2,25 +2,27 @@
 
 All three are partitioned by dataset id (dynamic partitions, added by the sensor or by the
 ``observe_raw_datasets`` job). A run may cover one dataset or a range of them (the sample pipeline
-builds every sample dataset in one run), so each asset loops over ``context.partition_keys``.
-In a ranged run Dagster records the same metadata on every partition of the range, so metadata keys
-are prefixed by dataset id whenever a run covers more than one dataset.
+builds every sample dataset in one run), so each asset loops over ``context.partition_keys`` and logs
+each dataset's materialization, with its own data version and metadata, as soon as it is written
+(``assets.lineage.partition_materialization``).
 """
 
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 
-from assets.resources import ProjectPaths
+from assets.lineage import content_version, file_version, partition_materialization, partitions_logged
+from assets.resources import ProjectPaths, exclusive_lock
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets
 from training_core.datasets.scan import extract_header
-from training_core.datasets.schema import dump_header, header_hash, header_to_yaml
-from training_core.shards import build_shards
+from training_core.datasets.schema import HEADER_VERSION, dump_header, header_hash, header_to_yaml
+from training_core.shards import LAYOUT_VERSION, build_shards
 
 DATASETS = dg.DynamicPartitionsDefinition(name="datasets")
 DATA_PLANE_GROUP = "data_plane"
+PartitionEvent = dg.AssetMaterialization | dg.MaterializeResult
 
 
 @dg.observable_source_asset(
@@ -45,20 +47,26 @@ def raw_dataset(context: dg.OpExecutionContext, paths: ProjectPaths) -> dg.DataV
     deps=[raw_dataset],
     group_name=DATA_PLANE_GROUP,
     kinds={"yaml"},
-    description="The dataset header (YAML): modalities, pairing, split policy. A committed header is authoritative.",
+    code_version=f"header-v{HEADER_VERSION}",
+    description="The dataset header (YAML): modalities, pairing, split policy. A committed header is authoritative. "
+    "Data version: the header's content with the content hash of the files it was validated against.",
 )
-def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.MaterializeResult:
-    per_dataset: dict[str, dict[str, Any]] = {}
+def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> Iterator[PartitionEvent]:
     for dataset_id in context.partition_keys:
         started = time.perf_counter()
         header = extract_header(paths.dataset_dir(dataset_id), dataset_id)
         header_path = paths.header_path(dataset_id)
         header_path.parent.mkdir(parents=True, exist_ok=True)
         dump_header(header, header_path)
-        per_dataset[dataset_id] = {
+        raw_version = dataset_content_hash(paths.dataset_dir(dataset_id))
+        context.log.info(f"{dataset_id}: header written to {header_path}")
+        # The raw version is in the header's version because processed_shards depends on the header alone:
+        # edited pixels under an unchanged header must still make the shards stale.
+        version = content_version({"header": header_hash(header), "raw_data_version": raw_version})
+        metadata = {
             "header_path": dg.MetadataValue.path(str(header_path)),
             "header_hash": header_hash(header),
-            "data_version": dataset_content_hash(paths.dataset_dir(dataset_id)),
+            "data_version": raw_version,
             "modalities": [modality.name for modality in header.modalities],
             "pixel_rule": dg.MetadataValue.json({"dtype": header.input.dtype, **header.pixel_rule.to_dict()}),
             "label_values": sorted({v for modality in header.modalities for v in modality.label_values or []}),
@@ -66,8 +74,8 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg
             "header": dg.MetadataValue.md(f"```yaml\n{header_to_yaml(header)}```"),
             "elapsed_s": round(time.perf_counter() - started, 3),
         }
-        context.log.info(f"{dataset_id}: header written to {header_path}")
-    return dg.MaterializeResult(metadata=partition_metadata(per_dataset))
+        yield partition_materialization(context, dataset_id, version, metadata)
+    yield partitions_logged()
 
 
 @dg.asset(
@@ -75,22 +83,26 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg
     deps=[dataset_header],
     group_name=DATA_PLANE_GROUP,
     kinds={"geotiff"},
-    description="Deterministic train | metrics_train | val split written as uncompressed GeoTIFF shards.",
+    code_version=f"layout-v{LAYOUT_VERSION}",
+    description="Deterministic train | metrics_train | val split written as uncompressed GeoTIFF shards. "
+    "Data version: sha256 of the build's manifest.json (no timestamps: a rebuild of the same data keeps it).",
 )
-def processed_shards(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.MaterializeResult:
-    per_dataset: dict[str, dict[str, Any]] = {}
+def processed_shards(context: dg.AssetExecutionContext, paths: ProjectPaths) -> Iterator[PartitionEvent]:
     for dataset_id in context.partition_keys:
-        report = build_shards(
-            paths.extracted_root,
-            paths.processed_root,
-            dataset_id,
-            overwrite=True,
-            header_path=paths.header_path(dataset_id),
-        )
+        # Builds of one dataset must not overlap (training_core.shards); two runs at once take turns.
+        with exclusive_lock(Path(paths.processed_root) / dataset_id):
+            report = build_shards(
+                paths.extracted_root,
+                paths.processed_root,
+                dataset_id,
+                overwrite=True,
+                header_path=paths.header_path(dataset_id),
+            )
+            version = shards_data_version(report.manifest_path)
         context.log.info(
             f"{dataset_id}: {report.n_items} items, splits {dict(report.counts)}, tiles {dict(report.tile_counts)}"
         )
-        per_dataset[dataset_id] = {
+        metadata = {
             **{f"count_{split}": count for split, count in report.counts.items()},
             "tiles": sum(report.tile_counts.values()),  # items written: chips of large rasters, small ones whole
             "n_items": report.n_items,
@@ -102,11 +114,10 @@ def processed_shards(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
             "header_hash": report.header_hash,
             "manifest": dg.MetadataValue.path(str(report.manifest_path)),
         }
-    return dg.MaterializeResult(metadata=partition_metadata(per_dataset))
+        yield partition_materialization(context, dataset_id, version, metadata)
+    yield partitions_logged()
 
 
-def partition_metadata(per_dataset: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Flat metadata for a one-dataset run; ``<dataset_id>/<key>`` entries when a run covers several."""
-    if len(per_dataset) == 1:
-        return dict(next(iter(per_dataset.values())))
-    return {f"{dataset_id}/{key}": value for dataset_id, values in per_dataset.items() for key, value in values.items()}
+def shards_data_version(manifest_path: str | Path) -> dg.DataVersion:
+    """``processed_shards``' data version of a build: the sha256 of its ``manifest.json``."""
+    return file_version(manifest_path)

@@ -13,11 +13,12 @@ import dagster as dg
 from pydantic import Field
 
 from assets.datasets import DATASETS
-from assets.lineage import require_materialization
+from assets.lineage import content_version, latest_evaluation, latest_training
 from assets.resources import ProjectPaths
-from assets.training import png_markdown, trained_model
+from assets.training import trained_model
 from training_core.atomic import atomic_write_text
 from training_core.datasets.errors import DatasetError
+from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.eval import (
     BASELINE,
     MODEL,
@@ -30,6 +31,9 @@ from training_core.eval import (
 from training_core.shards import read_manifest
 
 EVALUATION_GROUP = "evaluation"
+# Bump when the same checkpoint and shards would score differently.
+CODE_VERSION = "iou-v1"
+DECIMALS = 4  # of every score the summary and the metadata show
 
 
 class EvaluationConfig(dg.Config):
@@ -41,14 +45,14 @@ class EvaluationConfig(dg.Config):
     deps=[trained_model],
     group_name=EVALUATION_GROUP,
     kinds={"scipy"},
+    code_version=CODE_VERSION,
     description="Per-class IoU and mIoU on val (mapping fitted on metrics_train), the model beside its controls: "
-    "the untrained model, k-means on RGB and the constant predictor.",
+    "the untrained model, k-means on RGB and the constant predictor. Data version: the summary's metrics.",
 )
 def iou_evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, paths: ProjectPaths
 ) -> dg.MaterializeResult:
-    training = require_materialization(context.instance, trained_model.key)
-    checkpoint = training["metadata"]["checkpoint_path"]
+    training = latest_training(context.instance, context.run.run_id)
     dataset_ids = labeled_datasets(context.instance, paths.processed_root)
     if not dataset_ids:
         raise dg.Failure(f"no registered dataset under {paths.processed_root} has labeled val tiles to score")
@@ -56,13 +60,14 @@ def iou_evaluation(
     reports: dict[str, EvalReport] = {}
     pictures: dict[str, Path] = {}
     for dataset_id in dataset_ids:
-        reports[dataset_id] = evaluate_checkpoint(checkpoint, paths.processed_root, dataset_id, config.k, config.seed)
-        pictures[dataset_id] = render_comparison(reports[dataset_id], out_dir / f"{dataset_id}.png")
+        report = evaluate_checkpoint(training.checkpoint_path, paths.processed_root, dataset_id, config.k, config.seed)
+        reports[dataset_id] = report
+        pictures[dataset_id] = render_comparison(report, out_dir / f"{dataset_id}.png")
         context.log.info(
-            f"{dataset_id}: K={reports[dataset_id].k} model mIoU {reports[dataset_id].miou(MODEL)}, "
-            f"untrained {reports[dataset_id].miou(UNTRAINED)}, k-means {reports[dataset_id].miou(BASELINE)}"
+            f"{dataset_id}: K={report.k} model mIoU {report.miou(MODEL)}, "
+            f"untrained {report.miou(UNTRAINED)}, k-means {report.miou(BASELINE)}"
         )
-    summary = evaluation_summary(reports, checkpoint)
+    summary = evaluation_summary(reports, training.checkpoint_path, training.checkpoint_sha256)
     summary_path = write_json_atomic(out_dir / "summary.json", summary)
     metrics = summary["metrics"]
     return dg.MaterializeResult(
@@ -73,25 +78,27 @@ def iou_evaluation(
             "model_beats_baseline": metrics["model_beats_baseline"],
             "training_helped": metrics["training_helped"],
             "controls": controls_table(reports),
-            "per_class_iou": per_class_table(reports),
+            "per_class_iou": per_class_table(reports, class_names(paths.processed_root, dataset_ids)),
             "per_dataset": metrics["per_dataset"],
             "comparison": dg.MetadataValue.md(comparison_markdown(pictures)),
             "datasets": dataset_ids,
             "data_versions": summary["data_versions"],
-            "checkpoint_path": dg.MetadataValue.path(checkpoint),
-            "training_run_id": training["run_id"],
+            "checkpoint_path": dg.MetadataValue.path(training.checkpoint_path),
+            "checkpoint_sha256": training.checkpoint_sha256,
+            "training_run": dg.MetadataValue.dagster_run(training.run_id),
             "summary_path": dg.MetadataValue.path(str(summary_path)),
-        }
+        },
+        data_version=content_version(metrics),
     )
 
 
 @dg.asset_check(asset=iou_evaluation)
 def model_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """The model's mean val mIoU is above the k-means-on-RGB baseline's (a warning: quality, not bad data)."""
-    metadata = require_materialization(context.instance, iou_evaluation.key)["metadata"]
-    model, baseline = metadata["val_miou"], metadata["baseline_val_miou"]
+    evaluation = latest_evaluation(context.instance, context.op_execution_context.run_id)
+    model, baseline = evaluation.val_miou, evaluation.baseline_val_miou
     return dg.AssetCheckResult(
-        passed=bool(metadata["model_beats_baseline"]),
+        passed=bool(evaluation.model_beats_baseline),
         severity=dg.AssetCheckSeverity.WARN,
         description=f"model val mIoU {model} vs k-means-RGB baseline {baseline}",
         metadata={"val_miou": model, "baseline_val_miou": baseline},
@@ -112,14 +119,16 @@ def labeled_datasets(instance: dg.DagsterInstance, processed_root: str) -> list[
     return found
 
 
-def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[str, Any]:
-    """Metrics the export records and promotion compares: means over datasets of the val mIoU."""
+def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str, checkpoint_sha256: str) -> dict[str, Any]:
+    """Metrics the export records and promotion compares: means over datasets of the val mIoU, each score
+    rounded to ``DECIMALS`` (the full-precision reports are kept beside them)."""
     per_dataset = {dataset_id: report.to_dict() for dataset_id, report in reports.items()}
-    model = mean_or_none([report.miou(MODEL) for report in reports.values()])
-    baseline = mean_or_none([report.miou(BASELINE) for report in reports.values()])
-    untrained = mean_or_none([report.miou(UNTRAINED) for report in reports.values()])
+    model = _rounded(mean_or_none([report.miou(MODEL) for report in reports.values()]))
+    baseline = _rounded(mean_or_none([report.miou(BASELINE) for report in reports.values()]))
+    untrained = _rounded(mean_or_none([report.miou(UNTRAINED) for report in reports.values()]))
     return {
         "checkpoint": checkpoint,
+        "checkpoint_sha256": checkpoint_sha256,
         "datasets": sorted(reports),
         "data_versions": {dataset_id: report.data_version for dataset_id, report in reports.items()},
         "metrics": {
@@ -131,10 +140,13 @@ def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str) -> dict[
             "per_dataset": {
                 dataset_id: {
                     "k": row["k"],
-                    "val_miou": row["val_miou"],
-                    "baseline_miou": row["baseline_miou"],
-                    "untrained_miou": row["untrained_miou"],
-                    "scores": row["scores"],
+                    "val_miou": _rounded(row["val_miou"]),
+                    "baseline_miou": _rounded(row["baseline_miou"]),
+                    "untrained_miou": _rounded(row["untrained_miou"]),
+                    "scores": {
+                        method: {name: _rounded(score) for name, score in scores.items()}
+                        for method, scores in row["scores"].items()
+                    },
                     "mapping_fitted_on": row["mapping_fitted_on"],
                 }
                 for dataset_id, row in per_dataset.items()
@@ -172,10 +184,20 @@ def controls_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
 
 
 def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
+    return None if value is None else round(value, DECIMALS)
 
 
-def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
+def class_names(processed_root: str, dataset_ids: list[str]) -> dict[str, dict[int, str]]:
+    """``label_names`` of each dataset's target modality, from the header its shards were built with."""
+    names: dict[str, dict[int, str]] = {}
+    for dataset_id in dataset_ids:
+        target = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).target
+        names[dataset_id] = dict(target.label_names or {}) if target is not None else {}
+    return names
+
+
+def per_class_table(reports: dict[str, EvalReport], names: dict[str, dict[int, str]]) -> dg.TableMetadataValue:
+    """The model's and the baseline's IoU of every class, named when the header's target names it."""
     rows = []
     for dataset_id, report in reports.items():
         model, baseline = report.methods[MODEL].hungarian, report.methods[BASELINE].hungarian
@@ -187,8 +209,9 @@ def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
                     {
                         "dataset": dataset_id,
                         "class": int(label),
-                        "model_iou": iou,
-                        "baseline_iou": baseline.per_class_iou.get(label),
+                        "name": names.get(dataset_id, {}).get(int(label), ""),
+                        "model_iou": _rounded(iou),
+                        "baseline_iou": _rounded(baseline.per_class_iou.get(label)),
                     }
                 )
             )
@@ -196,6 +219,7 @@ def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
         columns=[
             dg.TableColumn("dataset", "string"),
             dg.TableColumn("class", "int"),
+            dg.TableColumn("name", "string"),
             dg.TableColumn("model_iou", "float"),
             dg.TableColumn("baseline_iou", "float"),
         ]
@@ -204,8 +228,9 @@ def per_class_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
 
 
 def comparison_markdown(pictures: dict[str, Path]) -> str:
-    """image | ground truth | model | baseline for a few val tiles of each dataset, inline in the UI."""
-    return "\n\n".join(f"**{dataset_id}**\n\n{png_markdown(dataset_id, path)}" for dataset_id, path in pictures.items())
+    """Where each dataset's image | ground truth | model | baseline picture is (PNG files beside summary.json,
+    not copied into the event log)."""
+    return "\n".join(f"- **{dataset_id}**: `{path}`" for dataset_id, path in pictures.items())
 
 
 def mean_or_none(values: list[float | None]) -> float | None:

@@ -5,6 +5,7 @@ tiles) runs on it; only then does ``best_model`` promote it, and only when its v
 than the current best. A failed parity check therefore never reaches the QGIS plugin's model.
 """
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,16 @@ from rasterio.windows import Window
 
 from assets.datasets import dataset_header, processed_shards
 from assets.evaluation import iou_evaluation
-from assets.lineage import lineage_of_partitions, require_materialization
+from assets.lineage import (
+    EvaluationRecord,
+    TrainingRecord,
+    content_version,
+    file_sha256,
+    latest_artifact,
+    latest_evaluation,
+    latest_training,
+    partition_records,
+)
 from assets.resources import ProjectPaths
 from assets.training import trained_model
 from runtime_export.export import export_artifact, input_rules_of, promote_if_better
@@ -35,21 +45,26 @@ PARITY_TILE_SIZE = 256  # a crop keeps the check to seconds on big tiles
     deps=[trained_model, iou_evaluation],
     group_name=EXPORT_GROUP,
     kinds={"numpy"},
-    description="The numpy runtime artifact of the latest trained model, with its metrics and lineage.",
+    code_version=RUNTIME_VERSION,
+    description="The numpy runtime artifact of the latest trained model, with its metrics and lineage. "
+    "Data version: model.npz's arrays and meta.json without run ids and checkout.",
 )
 def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.MaterializeResult:
-    training = require_materialization(context.instance, trained_model.key)
-    evaluation = require_materialization(context.instance, iou_evaluation.key)
-    summary = json.loads(Path(evaluation["metadata"]["summary_path"]).read_text())
-    if summary["checkpoint"] != training["metadata"]["checkpoint_path"]:
+    run_id = context.run.run_id
+    training = latest_training(context.instance, run_id)
+    evaluation = latest_evaluation(context.instance, run_id)
+    # By content, read now: the file exported is the one evaluation scored, whatever either calls it.
+    if file_sha256(training.checkpoint_path) != evaluation.checkpoint_sha256:
         raise dg.Failure(
-            f"iou_evaluation scored {summary['checkpoint']}, but the latest trained_model is "
-            f"{training['metadata']['checkpoint_path']}: materialize iou_evaluation again first"
+            f"iou_evaluation scored {evaluation.checkpoint_path} (sha256 {evaluation.checkpoint_sha256[:12]}), but "
+            f"the latest trained_model is {training.checkpoint_path} with other weights: "
+            "materialize iou_evaluation again first"
         )
-    lineage = artifact_lineage(context.instance, training, evaluation, summary, context.run.run_id)
+    summary = json.loads(Path(evaluation.summary_path).read_text())
+    lineage = artifact_lineage(context.instance, training, evaluation, summary, run_id)
     out_dir = export_artifact(
-        training["metadata"]["checkpoint_path"],
-        paths.candidate_dir(context.run.run_id),
+        training.checkpoint_path,
+        paths.candidate_dir(run_id),
         lineage,
         summary["metrics"],
         input_rules_of(paths.processed_root, lineage["datasets"]),
@@ -59,7 +74,8 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
     return dg.MaterializeResult(
         metadata={
             "artifact_dir": dg.MetadataValue.path(str(out_dir)),
-            "checkpoint_path": dg.MetadataValue.path(training["metadata"]["checkpoint_path"]),
+            "checkpoint_path": dg.MetadataValue.path(training.checkpoint_path),
+            "checkpoint_sha256": training.checkpoint_sha256,
             "runtime_version": RUNTIME_VERSION,
             "model_bytes": (out_dir / MODEL_FILENAME).stat().st_size,
             "val_miou": summary["metrics"].get("val_miou"),
@@ -68,12 +84,13 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
             "data_versions": lineage["data_versions"],
             "config_hash": meta["lineage"]["config_hash"],
             "code_version": meta["lineage"]["code_version"],
-            "training_run_id": lineage["runs"]["training"],
-            "evaluation_run_id": lineage["runs"]["evaluation"],
+            "training_run": dg.MetadataValue.dagster_run(training.run_id),
+            "evaluation_run": dg.MetadataValue.dagster_run(evaluation.run_id),
+            "evaluation_summary": dg.MetadataValue.path(evaluation.summary_path),
             "lineage": lineage,
-            "evaluation_picture": dg.MetadataValue.md(evaluation["metadata"]["comparison"]),
-            "meta_json": dg.MetadataValue.md(f"```json\n{json.dumps(meta, indent=2, sort_keys=True)}\n```"),
-        }
+            "meta_json": dg.MetadataValue.path(str(out_dir / META_FILENAME)),
+        },
+        data_version=artifact_version(out_dir),
     )
 
 
@@ -81,11 +98,12 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
     deps=[runtime_artifact],
     group_name=EXPORT_GROUP,
     kinds={"numpy"},
-    description="`model/best`: the artifact the plugin ships, replaced only by one whose val mIoU is not worse.",
+    code_version=RUNTIME_VERSION,
+    description="`model/best`: the artifact the plugin ships, replaced only by one whose val mIoU is not worse. "
+    "Data version: that of the artifact it holds.",
 )
 def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.MaterializeResult:
-    candidate = require_materialization(context.instance, runtime_artifact.key)
-    candidate_dir = Path(candidate["metadata"]["artifact_dir"])
+    candidate_dir = Path(latest_artifact(context.instance, context.run.run_id).artifact_dir)
     promoted = promote_if_better(candidate_dir, paths.best_dir())
     best_meta = json.loads((paths.best_dir() / META_FILENAME).read_text())
     context.log.info(f"{candidate_dir} {'promoted to' if promoted else 'not better than'} {paths.best_dir()}")
@@ -94,19 +112,19 @@ def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.Mat
             "promoted": promoted,
             "best_dir": dg.MetadataValue.path(str(paths.best_dir())),
             "best_val_miou": best_meta["metrics"].get("val_miou"),
-            "best_export_run_id": best_meta["lineage"]["runs"]["export"],
+            "best_export_run": dg.MetadataValue.dagster_run(best_meta["lineage"]["runs"]["export"]),
             "candidate_dir": dg.MetadataValue.path(str(candidate_dir)),
-        }
+        },
+        data_version=artifact_version(paths.best_dir()),
     )
 
 
 @dg.asset_check(asset=runtime_artifact, blocking=True)
 def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
     """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``runtime_export.parity``)."""
-    artifact = require_materialization(context.instance, runtime_artifact.key)["metadata"]
-    datasets = artifact["datasets"]
-    tiles = parity_tiles(paths.processed_root, datasets)
-    report = runtime_parity(artifact["artifact_dir"], artifact["checkpoint_path"], tiles, PARITY_KS)
+    artifact = latest_artifact(context.instance, context.op_execution_context.run_id)
+    tiles = parity_tiles(paths.processed_root, artifact.datasets)
+    report = runtime_parity(artifact.artifact_dir, artifact.checkpoint_path, tiles, PARITY_KS)
     return dg.AssetCheckResult(
         passed=bool(report["passed"]),
         description=(
@@ -142,37 +160,59 @@ def parity_tiles(processed_root: str, dataset_ids: list[str]) -> list[np.ndarray
     return tiles
 
 
+def artifact_version(artifact_dir: Path) -> dg.DataVersion:
+    """The arrays of ``model.npz`` (its zip entries carry write times) and ``meta.json`` without the run ids
+    and the checkout's commit: exporting the same model from the same data gives the same version."""
+    with np.load(artifact_dir / MODEL_FILENAME) as arrays:
+        weights = {
+            name: hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).hexdigest() for name in arrays.files
+        }
+    meta = json.loads((artifact_dir / META_FILENAME).read_text())
+    meta["lineage"] = {key: value for key, value in meta["lineage"].items() if key not in ("runs", "code_version")}
+    return content_version({"weights": weights, "meta": meta})
+
+
 def artifact_lineage(
     instance: dg.DagsterInstance,
-    training: dict[str, Any],
-    evaluation: dict[str, Any],
+    training: TrainingRecord,
+    evaluation: EvaluationRecord,
     summary: dict[str, Any],
     export_run_id: str,
 ) -> dict[str, Any]:
     """What produced the artifact: datasets and their data versions, and the run of every upstream stage."""
-    trained_on = list(training["metadata"]["datasets"])
+    trained_on = list(training.datasets)
     evaluated_on = list(summary["datasets"])
     datasets = sorted({*trained_on, *evaluated_on})
-    shards = lineage_of_partitions(instance, processed_shards.key, datasets)
-    headers = lineage_of_partitions(instance, dataset_header.key, datasets)
+    records = {
+        "shards": partition_records(instance, processed_shards.key, datasets),
+        "header": partition_records(instance, dataset_header.key, datasets),
+    }
+    run_ids = {
+        stage: {dataset_id: None if record is None else record.run_id for dataset_id, record in found.items()}
+        for stage, found in records.items()
+    }
+    versions = {
+        stage: {dataset_id: None if record is None else record.data_version for dataset_id, record in found.items()}
+        for stage, found in records.items()
+    }
     return {
         "datasets": datasets,
         "trained_on": trained_on,
         "evaluated_on": evaluated_on,
         # Content hashes of the raw datasets (= raw_dataset's data version) the shards were built from.
-        "data_versions": {**summary["data_versions"], **training["metadata"]["data_versions"]},
-        "training_key": training["metadata"]["training_key"],
+        "data_versions": {**summary["data_versions"], **training.data_versions},
+        "training_key": training.training_key,
+        "checkpoint_sha256": training.checkpoint_sha256,
         "runs": {
             "export": export_run_id,
-            "evaluation": evaluation["run_id"],
-            "training": training["run_id"],
-            "shards": {dataset_id: (found or {}).get("run_id") for dataset_id, found in shards.items()},
-            "header": {dataset_id: (found or {}).get("run_id") for dataset_id, found in headers.items()},
+            "evaluation": evaluation.run_id,
+            "training": training.run_id,
+            **run_ids,
         },
         "asset_data_versions": {
-            "dataset_header": {dataset_id: (found or {}).get("data_version") for dataset_id, found in headers.items()},
-            "processed_shards": {dataset_id: (found or {}).get("data_version") for dataset_id, found in shards.items()},
-            "trained_model": training["data_version"],
-            "iou_evaluation": evaluation["data_version"],
+            "dataset_header": versions["header"],
+            "processed_shards": versions["shards"],
+            "trained_model": training.data_version,
+            "iou_evaluation": evaluation.data_version,
         },
     }

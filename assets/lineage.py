@@ -1,57 +1,258 @@
-"""Lineage read back from the Dagster instance: which run produced the upstream asset, at which data version.
+"""Lineage: the data versions each stage records, and what a materialization came from, read back typed.
 
-Downstream assets record this in their metadata and the exported ``meta.json``, so an artifact names
-the evaluation, training, shards and header runs behind it even outside the Dagster UI.
+Data versions are derived from what a stage wrote (``content_version``, ``file_version``), so an unchanged
+rebuild keeps its version and Dagster's staleness follows real changes, not run ids.
+
+Partitioned assets and checks log one event per partition (``partition_materialization``,
+``partition_check_evaluation``). Dagster 1.13 gives every partition of a ranged step the output's one data
+version and metadata (dagster-io/dagster#34013) and files a check result without a partition; logging each
+dataset's own event, with the provenance tags Dagster writes for an output, gives each partition its own
+version, metadata and check status.
+
+Readers (``latest_training`` -> ``TrainingRecord`` ...) name what they read. Given a run id they prefer
+what that run materialized, so two runs at once each read their own upstream, not whichever finished last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
+from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
+    DATA_VERSION_IS_USER_PROVIDED_TAG,
+    DATA_VERSION_TAG,
+    DEFAULT_DATA_VERSION,
+    NULL_EVENT_POINTER,
+    extract_data_version_from_entry,
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
+from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
+from dagster._core.event_api import EventLogRecord
 
-DATA_VERSION_TAG = "dagster/data_version"
+TRAINED_MODEL = dg.AssetKey("trained_model")
+IOU_EVALUATION = dg.AssetKey("iou_evaluation")
+RUNTIME_ARTIFACT = dg.AssetKey("runtime_artifact")
 
 
-def latest_materialization(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partition: str | None = None
-) -> dict[str, Any] | None:
-    """Run id, data version, time and metadata values of the newest materialization of ``asset_key``."""
+# -- data versions -------------------------------------------------------------------------------
+
+
+def content_version(content: Any) -> dg.DataVersion:
+    """sha256 of the canonical JSON of ``content``: the same content, the same version."""
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return dg.DataVersion(hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_version(path: str | Path) -> dg.DataVersion:
+    """The sha256 of a file's bytes (e.g. ``sha256sum manifest.json``)."""
+    return dg.DataVersion(file_sha256(path))
+
+
+# -- per-partition events ------------------------------------------------------------------------
+
+
+def partition_materialization(
+    context: dg.AssetExecutionContext, partition: str, data_version: dg.DataVersion, metadata: Mapping[str, Any]
+) -> dg.AssetMaterialization:
+    """One partition's materialization with the provenance tags Dagster writes for an output: the asset's
+    code version, and each dependency's data version and event pointer (what staleness compares)."""
+    key = context.asset_key
+    tags = {
+        CODE_VERSION_TAG: context.assets_def.code_versions_by_key[key] or context.run.run_id,
+        DATA_VERSION_TAG: data_version.value,
+        DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
+    }
+    for dependency in sorted(context.assets_def.asset_deps[key]):
+        record = context.instance.get_latest_data_version_record(dependency, partition_key=partition)
+        version = extract_data_version_from_entry(record.event_log_entry) if record else None
+        tags[get_input_data_version_tag(dependency)] = (version or DEFAULT_DATA_VERSION).value
+        tags[get_input_event_pointer_tag(dependency)] = str(record.storage_id) if record else NULL_EVENT_POINTER
+    return dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata, tags=tags)
+
+
+def partitions_logged() -> dg.MaterializeResult:
+    """A partitioned asset's result once ``partition_materialization`` logged every partition.
+
+    The marker keeps the step from logging one more materialization per partition for the output: it is
+    how Dagster's own partitioned observable source assets, which log per-partition events the same way,
+    do it (``execute_step._log_materialization_or_observation_events_for_asset``).
+    """
+    return dg.MaterializeResult(metadata={SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION: True})
+
+
+def partition_check_evaluation(
+    context: dg.AssetCheckExecutionContext,
+    partition: str,
+    passed: bool,
+    description: str | None,
+    metadata: Mapping[str, Any],
+) -> dg.AssetCheckEvaluation:
+    """One partition's result of the (single) check being executed, tied to that partition's materialization."""
+    (spec,) = context.check_specs
+    record = _newest(context.instance, spec.asset_key, partition=partition)
+    target = (
+        None
+        if record is None
+        else AssetCheckEvaluationTargetMaterializationData(
+            run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp
+        )
+    )
+    return dg.AssetCheckEvaluation(
+        asset_key=spec.asset_key,
+        check_name=spec.name,
+        passed=passed,
+        partition=partition,
+        blocking=spec.blocking,
+        description=description,
+        metadata=metadata,
+        target_materialization_data=target,
+    )
+
+
+# -- typed readers -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """The newest materialization of one partition: which run made it, at which data version."""
+
+    run_id: str
+    data_version: str | None
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """A ``trained_model`` materialization. ``data_versions``: raw content hash of each dataset trained on."""
+
+    run_id: str
+    data_version: str | None
+    checkpoint_path: str
+    checkpoint_sha256: str
+    training_key: str
+    datasets: list[str]
+    data_versions: dict[str, str]
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """An ``iou_evaluation`` materialization: the summary JSON and the checkpoint it scored."""
+
+    run_id: str
+    data_version: str | None
+    summary_path: str
+    checkpoint_path: str
+    checkpoint_sha256: str
+    val_miou: float | None
+    baseline_val_miou: float | None
+    model_beats_baseline: bool | None
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A ``runtime_artifact`` materialization: the candidate artifact and the checkpoint it was exported from."""
+
+    run_id: str
+    data_version: str | None
+    artifact_dir: str
+    checkpoint_path: str
+    datasets: list[str]
+
+
+def latest_training(instance: dg.DagsterInstance, run_id: str | None = None) -> TrainingRecord:
+    record, metadata = _required(instance, TRAINED_MODEL, run_id)
+    return TrainingRecord(
+        run_id=record.run_id,
+        data_version=_data_version(record),
+        checkpoint_path=metadata["checkpoint_path"],
+        checkpoint_sha256=metadata["checkpoint_sha256"],
+        training_key=metadata["training_key"],
+        datasets=list(metadata["datasets"]),
+        data_versions=dict(metadata["data_versions"]),
+    )
+
+
+def latest_evaluation(instance: dg.DagsterInstance, run_id: str | None = None) -> EvaluationRecord:
+    record, metadata = _required(instance, IOU_EVALUATION, run_id)
+    return EvaluationRecord(
+        run_id=record.run_id,
+        data_version=_data_version(record),
+        summary_path=metadata["summary_path"],
+        checkpoint_path=metadata["checkpoint_path"],
+        checkpoint_sha256=metadata["checkpoint_sha256"],
+        val_miou=metadata["val_miou"],
+        baseline_val_miou=metadata["baseline_val_miou"],
+        model_beats_baseline=metadata["model_beats_baseline"],
+    )
+
+
+def latest_artifact(instance: dg.DagsterInstance, run_id: str | None = None) -> ArtifactRecord:
+    record, metadata = _required(instance, RUNTIME_ARTIFACT, run_id)
+    return ArtifactRecord(
+        run_id=record.run_id,
+        data_version=_data_version(record),
+        artifact_dir=metadata["artifact_dir"],
+        checkpoint_path=metadata["checkpoint_path"],
+        datasets=list(metadata["datasets"]),
+    )
+
+
+def partition_records(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions: Sequence[str]
+) -> dict[str, PartitionRecord | None]:
+    """The newest materialization of each partition (None: never materialized), keyed by partition."""
+    found: dict[str, PartitionRecord | None] = {}
+    for partition in partitions:
+        record = _newest(instance, asset_key, partition=partition)
+        found[partition] = None if record is None else PartitionRecord(record.run_id, _data_version(record))
+    return found
+
+
+def _newest(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, run_id: str | None = None, partition: str | None = None
+) -> EventLogRecord | None:
+    """The newest materialization of ``asset_key`` (or of one partition); that of ``run_id`` if it made one."""
+    if run_id is not None:
+        in_run = instance.get_records_for_run(
+            run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, ascending=False
+        ).records
+        for record in in_run:
+            if record.asset_key == asset_key and (partition is None or record.partition_key == partition):
+                return record
     records_filter = dg.AssetRecordsFilter(
         asset_key=asset_key, asset_partitions=[partition] if partition is not None else None
     )
     records = instance.fetch_materializations(records_filter, limit=1).records
-    if not records:
-        return None
-    record = records[0]
-    materialization = record.asset_materialization
-    tags = materialization.tags if materialization is not None and materialization.tags else {}
-    metadata = {key: value.value for key, value in materialization.metadata.items()} if materialization else {}
-    return {
-        "run_id": record.run_id,
-        "data_version": tags.get(DATA_VERSION_TAG),
-        "timestamp": record.timestamp,
-        "metadata": metadata,
-    }
+    return records[0] if records else None
 
 
-def require_materialization(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dict[str, Any]:
-    """``latest_materialization`` of an unpartitioned upstream asset, or a clear error naming it."""
-    found = latest_materialization(instance, asset_key)
-    if found is None:
+def _required(
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, run_id: str | None
+) -> tuple[EventLogRecord, dict[str, Any]]:
+    record = _newest(instance, asset_key, run_id)
+    materialization = record.asset_materialization if record is not None else None
+    if record is None or materialization is None:
         raise dg.Failure(f"{asset_key.to_user_string()} has never been materialized; materialize it first")
-    return found
+    return record, {key: value.value for key, value in materialization.metadata.items()}
 
 
-def lineage_of_partitions(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions: Sequence[str]
-) -> dict[str, dict[str, Any] | None]:
-    """Run id and data version of each partition's newest materialization, keyed by partition."""
-    lineage: dict[str, dict[str, Any] | None] = {}
-    for partition in partitions:
-        found = latest_materialization(instance, asset_key, partition)
-        lineage[partition] = (
-            None if found is None else {"run_id": found["run_id"], "data_version": found["data_version"]}
-        )
-    return lineage
+def _data_version(record: EventLogRecord) -> str | None:
+    version = extract_data_version_from_entry(record.event_log_entry)
+    return None if version is None else version.value

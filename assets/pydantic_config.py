@@ -1,55 +1,30 @@
-"""Dagster run-config schemas derived from the library's pydantic models.
+"""Dagster run config generated from the library's pydantic models.
 
-Why derive instead of subclassing ``dg.Config``: ``TrainConfig`` lives in ``training_core``, which must
-never import dagster, and ``dg.Config`` only nests other ``dg.Config`` classes, so a copy of every
-model would be needed and would drift. Why not a permissive dict: the launchpad would show no fields,
-no defaults and no types. So the schema (types, defaults, descriptions, Literal choices as enums) is
-generated from the pydantic model, and the op validates what it receives with the very same model,
-which also enforces the bounds (``ge``, ``min_length`` ...) Dagster's type system cannot express.
+``training_core`` never imports dagster, so its models cannot subclass ``dg.Config``, and a ``dg.Config``
+cannot nest a plain pydantic model. ``dagster_config`` therefore builds a ``dg.Config`` twin of a model:
+the same fields, defaults and descriptions, nested models as nested twins. Dagster's own pydantic support
+turns the twin into the launchpad schema (types, Literal choices, defaults, descriptions) and checks keys
+and types before a run starts; the op then validates the values with the library model itself, which
+holds the bounds (``ge``, ``min_length`` ...) and the cross-field rules.
 """
 
 from __future__ import annotations
 
-import types
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any
 
 import dagster as dg
-from pydantic import BaseModel
-from pydantic.fields import FieldInfo
-
-_SCALARS: dict[type, Any] = {int: dg.Int, float: dg.Float, bool: dg.Bool, str: dg.String}
+from pydantic import BaseModel, Field, create_model
 
 
-def config_schema_from_model(model_cls: type[BaseModel]) -> dict[str, dg.Field]:
-    """A Dagster config schema (``dict`` of ``dg.Field``) with the fields, defaults and docs of ``model_cls``."""
-    return {name: _field(model_cls, name, info) for name, info in model_cls.model_fields.items()}
-
-
-def _field(model_cls: type[BaseModel], name: str, info: FieldInfo) -> dg.Field:
-    config_type = _config_type(info.annotation, f"{model_cls.__name__}_{name}")
-    if info.is_required():
-        return dg.Field(config_type, is_required=True, description=info.description)
-    default = info.get_default(call_default_factory=True)
-    if isinstance(default, BaseModel):
-        # Nested shapes take their defaults from their own fields, so the launchpad shows them expanded.
-        return dg.Field(config_type, is_required=False, description=info.description)
-    return dg.Field(config_type, default_value=default, is_required=False, description=info.description)
-
-
-def _config_type(annotation: Any, enum_name: str) -> Any:
-    origin = get_origin(annotation)
-    args = get_args(annotation)
-    if origin in (Union, types.UnionType):
-        inner = [arg for arg in args if arg is not type(None)]
-        if len(inner) != 1:
-            raise TypeError(f"{enum_name}: only Optional[X] unions map to Dagster config, got {annotation}")
-        return dg.Noneable(_config_type(inner[0], enum_name))
-    if origin is Literal:
-        return dg.Enum(enum_name, [dg.EnumValue(str(value), python_value=value) for value in args])
-    if origin is list:
-        return dg.Array(_config_type(args[0], enum_name))
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return dg.Shape(config_schema_from_model(annotation))
-    if annotation in _SCALARS:
-        return _SCALARS[annotation]
-    raise TypeError(f"{enum_name}: no Dagster config type for {annotation!r}")
+def dagster_config(model_cls: type[BaseModel]) -> type[dg.Config]:
+    """A ``dg.Config`` class with the fields, defaults and descriptions of ``model_cls``, nested models included."""
+    fields: dict[str, Any] = {}
+    for name, info in model_cls.model_fields.items():
+        annotation = info.annotation
+        # Dagster reads a field's `default`, never its `default_factory`, so factories are called here.
+        default = info.get_default(call_default_factory=True)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = dagster_config(annotation)
+            default = annotation()  # an instance default makes Dagster list the section's own defaults
+        fields[name] = (annotation, Field(default, description=info.description))
+    return create_model(model_cls.__name__, __base__=dg.Config, __doc__=model_cls.__doc__, **fields)

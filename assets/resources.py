@@ -6,6 +6,9 @@ own with temporary directories.
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -48,3 +51,17 @@ class TrainingDevice(dg.ConfigurableResource):
 
     def resolve(self, requested: str) -> str:
         return self.device if requested == "auto" else requested
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` for the block.
+
+    Runs doing the same work on ``path`` (two runs rebuilding one dataset's shards, or training one config
+    into one checkpoint folder) take turns instead of writing the same files at once. The kernel drops the
+    lock when its process dies, so a killed step never leaves it held.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f".{path.name}.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

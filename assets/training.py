@@ -8,42 +8,44 @@ The jobs ``train_cpu`` and ``train_gpu`` materialize this same asset with differ
 import base64
 import hashlib
 import json
-import os
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import torch
 
 from assets.datasets import DATASETS, processed_shards
-from assets.lineage import lineage_of_partitions
-from assets.pydantic_config import config_schema_from_model
-from assets.resources import ProjectPaths, TrainingDevice
-from training_core.checkpoint import latest_checkpoint, load_checkpoint
+from assets.lineage import content_version, file_sha256, partition_records
+from assets.pydantic_config import dagster_config
+from assets.resources import ProjectPaths, TrainingDevice, exclusive_lock
+from training_core.checkpoint import latest_checkpoint, load_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
 from training_core.datasets.errors import DatasetError
 from training_core.shards import read_manifest
-from training_core.train import LOSS_PARTS, train
+from training_core.train import LOSS_PARTS, progress_line, train
 
 TRAINING_GROUP = "training"
-TRAIN_CONFIG_SCHEMA = config_schema_from_model(TrainConfig)
+TrainRunConfig = dagster_config(TrainConfig)
 # The checkpoint folder depends on what shapes the weights, not on where they are computed: a run
 # moved from CPU to GPU (or retried on another host) resumes the same training.
 _NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every")
 # Pixel entropy is in units of log K, so 1 is a uniform assignment over the clusters.
 UNIFORM_PIXEL_ENTROPY = 0.99
 UNIFORM_CHECK = "assignments_not_uniform"
+# Bump when the same config and data would train other weights (the UI then shows trained_model stale).
+CODE_VERSION = "train-v1"
 
 
 @dg.asset(
     deps=[processed_shards],
-    config_schema=TRAIN_CONFIG_SCHEMA,
     group_name=TRAINING_GROUP,
     kinds={"pytorch"},
+    code_version=CODE_VERSION,
     pool="gpu",
     # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes.
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2),
-    description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets.",
+    description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets. "
+    "Data version: the checkpoint's config, the shards' data versions and the step.",
     check_specs=[
         dg.AssetCheckSpec(
             UNIFORM_CHECK,
@@ -53,11 +55,9 @@ UNIFORM_CHECK = "assignments_not_uniform"
     ],
 )
 def trained_model(
-    context: dg.AssetExecutionContext, paths: ProjectPaths, training_device: TrainingDevice
+    context: dg.AssetExecutionContext, config: TrainRunConfig, paths: ProjectPaths, training_device: TrainingDevice
 ) -> dg.MaterializeResult:
-    config = training_config(
-        TrainConfig.model_validate(context.op_execution_context.op_config), context.instance, paths, training_device
-    )
+    config = training_config(TrainConfig.model_validate(config.model_dump()), context.instance, paths, training_device)
     data_versions = {
         dataset_id: read_manifest(paths.processed_root, dataset_id)["data_version"]
         for dataset_id in config.data.dataset_ids
@@ -68,19 +68,24 @@ def trained_model(
         f"training on {config.data.dataset_ids} with device={config.device}, {config.steps} steps, "
         f"checkpoints in {checkpoint_dir}"
     )
-    resumed_from = checkpoint_step(checkpoint_dir)
-    if resumed_from:
-        context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
-    if training_device.torch_threads:
-        torch.set_num_threads(training_device.torch_threads)
-    # Progress goes to the run log (below); the terminal bar would only repeat it in the step's stderr.
-    os.environ["TQDM_DISABLE"] = "1"
-    result = train(
-        config, checkpoint_dir, resume=True, progress=lambda row: context.log.info(progress_line(row, config.steps))
-    )
-    if result.interrupted:  # SIGTERM (e.g. the run was terminated): a checkpoint was saved, nothing is done
-        raise dg.Failure(f"training stopped at step {result.steps}/{config.steps}; re-execute to resume from it")
-    loss_curve = write_loss_curve(Path(result.log_path), checkpoint_dir / "loss_curve.png")
+    # One run at a time trains a folder; a second run of the same training waits, then finds it done.
+    with exclusive_lock(checkpoint_dir):
+        resumed_from = checkpoint_step(checkpoint_dir)
+        if resumed_from:
+            context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
+        if training_device.torch_threads:
+            torch.set_num_threads(training_device.torch_threads)
+        # Progress goes to the run log, one line per log_every steps.
+        result = train(
+            config, checkpoint_dir, resume=True, progress=lambda row: context.log.info(progress_line(row, config.steps))
+        )
+        if result.interrupted:  # SIGTERM (e.g. the run was terminated): a checkpoint was saved, nothing is done
+            raise dg.Failure(f"training stopped at step {result.steps}/{config.steps}; re-execute to resume from it")
+        loss_curve = write_loss_curve(Path(result.log_path), checkpoint_dir / "loss_curve.png")
+    # The last step's own file: a run that finds the training done resumes from last.pt, a copy of it, so
+    # naming the step file makes every run of one training report the same checkpoint.
+    checkpoint = checkpoint_dir / step_checkpoint_name(result.steps)
+    upstream = partition_records(context.instance, processed_shards.key, config.data.dataset_ids)
     return dg.MaterializeResult(
         metadata={
             "device": result.device,
@@ -89,17 +94,19 @@ def trained_model(
             "resumed_from_step": resumed_from,
             "wall_s": round(result.wall_s, 2),
             "images_per_s": round(result.images_per_s, 2),
-            "final_losses": {name: round(float(value), 6) for name, value in result.final_losses.items()},
+            "final_losses": {name: round(float(value), 4) for name, value in result.final_losses.items()},
             "loss_curve": dg.MetadataValue.md(png_markdown("loss curve", loss_curve)),
             "loss_curve_path": dg.MetadataValue.path(str(loss_curve)),
-            "checkpoint_path": dg.MetadataValue.path(str(result.checkpoint_path)),
+            "checkpoint_path": dg.MetadataValue.path(str(checkpoint)),
+            "checkpoint_sha256": file_sha256(checkpoint),
             "training_log": dg.MetadataValue.path(str(result.log_path)),
             "training_key": key,
             "datasets": list(config.data.dataset_ids),
             "data_versions": data_versions,
-            "upstream": lineage_of_partitions(context.instance, processed_shards.key, config.data.dataset_ids),
+            "upstream": {dataset_id: asdict(record) if record else None for dataset_id, record in upstream.items()},
             "config": config.model_dump(mode="json"),
         },
+        data_version=training_data_version(checkpoint, data_versions),
         check_results=[assignments_not_uniform(result.final_losses)],
     )
 
@@ -109,7 +116,7 @@ def assignments_not_uniform(final_losses: dict[str, float]) -> dg.AssetCheckResu
 
     Uniform assignments are a fixed point of the clustering losses: no gradient reaches the encoder, so
     the exported weights are the initialisation plus optimiser drift, however good a score looks
-    (docs/MODEL_NOTES.md, sweep 2: strong photometric augmentation got there within 50 steps).
+    (strong photometric augmentation got there within 50 steps).
     """
     entropy = float(final_losses["pixel_entropy"])
     return dg.AssetCheckResult(
@@ -117,7 +124,7 @@ def assignments_not_uniform(final_losses: dict[str, float]) -> dg.AssetCheckResu
         passed=entropy < UNIFORM_PIXEL_ENTROPY,
         severity=dg.AssetCheckSeverity.WARN,
         description=f"last-step pixel entropy {entropy:.3f} (1 = uniform over K; warns at {UNIFORM_PIXEL_ENTROPY})",
-        metadata={"pixel_entropy": entropy},
+        metadata={"pixel_entropy": round(entropy, 4)},
     )
 
 
@@ -156,20 +163,17 @@ def checkpoint_step(checkpoint_dir: Path) -> int:
     return 0 if latest is None else int(load_checkpoint(latest)["step"])
 
 
+def training_data_version(checkpoint: Path, data_versions: dict[str, str]) -> dg.DataVersion:
+    """What the weights are a function of: the checkpoint's config, the shards' data versions, its step."""
+    saved = load_checkpoint(checkpoint)
+    return content_version({"config": saved["config"], "data_versions": data_versions, "step": saved["step"]})
+
+
 def training_key(config: TrainConfig, data_versions: dict[str, str]) -> str:
     """Hash of what determines the weights (config minus device knobs, plus the shards' data versions)."""
     shaping = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_TRAINING_KEY}
     canonical = json.dumps({"config": shaping, "data_versions": data_versions}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def progress_line(row: dict[str, Any], total_steps: int) -> str:
-    """One run-log line per log interval: step, loss parts, K, throughput, ETA."""
-    losses = " ".join(f"{name}={float(row[name]):.4f}" for name in LOSS_PARTS if name in row)
-    return (
-        f"step {row['step']}/{total_steps} {losses} k={row.get('k')} "
-        f"{float(row['images_per_s']):.2f} img/s ETA {float(row['eta_s']):.0f}s"
-    )
 
 
 def write_loss_curve(log_path: Path, out_path: Path) -> Path:

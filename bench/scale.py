@@ -6,7 +6,8 @@ Two kinds of growth, built in a temp folder from the bundled kampala tiles (imag
   window: two labeled ones (one lands in metrics_train, one in val) and one unlabeled (train), which the
   shard build cuts into chips.
 
-For each dataset, each stage runs in a fresh process, so its peak RSS (VmHWM) is its own:
+For each dataset, each stage runs in a fresh process, so its peak RSS (VmHWM) is its own (the shard build's
+worker processes are reported apart, the largest of them):
 ``shards`` (build_shards), ``train`` (20 CPU steps on the shards' train split), ``eval``
 (``evaluate_checkpoint``: model, untrained twin, k-means, constant) and ``segment`` (the numpy runtime on
 the mosaic raster at K = 8; the tile datasets have no single raster). Each line gives seconds per
@@ -46,7 +47,7 @@ MOSAIC_SIZES = (2048, 8192, 16384)
 
 # Each stage runs in its own interpreter and prints {"wall_s", "peak_rss_mb"} as its last line.
 STAGE = """
-import json, sys, time
+import json, resource, sys, time
 from pathlib import Path
 work, dataset_id, stage, steps, k = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 extracted, processed = work / "extracted", work / "processed"
@@ -64,7 +65,7 @@ elif stage == "train":
     train(config, work / f"ckpt-{dataset_id}", resume=False)
 elif stage == "eval":
     from training_core.eval import evaluate_checkpoint
-    evaluate_checkpoint(work / f"ckpt-{dataset_id}" / "last.pt", processed, dataset_id, n_samples=0)
+    evaluate_checkpoint(work / f"ckpt-{dataset_id}" / "last.pt", processed, dataset_id)
 elif stage == "segment":
     from runtime_export.export import export_artifact
     from runtime_export.runtime import load_runtime_model
@@ -76,7 +77,9 @@ elif stage == "segment":
     segment_raster(model, raster, work / f"labels-{dataset_id}.tif", k)
 wall = time.perf_counter() - started
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
-print(json.dumps({"wall_s": wall, "peak_rss_mb": int(hwm.split()[1]) / 1024}))
+# The shard build's worker processes: the largest of them (ru_maxrss of waited-for children, in kB).
+children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"wall_s": wall, "peak_rss_mb": int(hwm.split()[1]) / 1024, "worker_peak_rss_mb": children / 1024}))
 """
 
 
@@ -152,6 +155,8 @@ def bench_kind(kind: str, sizes: list[int], stages: list[str], root: Path) -> No
                 "s_per_mp": None if stage == "train" else round(figures["wall_s"] / megapixels, 4),
                 "mp_per_s": None if stage == "train" else round(megapixels / figures["wall_s"], 3),
                 "peak_rss_mb": round(figures["peak_rss_mb"], 1),
+                # The shard build's workers; other stages' children are helpers such as `git` (code version).
+                "worker_peak_rss_mb": round(figures["worker_peak_rss_mb"], 1) if stage == "shards" else None,
                 "load_avg_1m": round(os.getloadavg()[0], 2),
             }
             by_stage.setdefault(stage, []).append(line)

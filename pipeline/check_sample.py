@@ -2,7 +2,8 @@
 
 The exported artifact exists, loads in the numpy runtime and segments a real sample tile, and its
 ``meta.json`` lineage names the datasets with the data versions (content hashes) they have right now,
-plus the runs of every upstream stage. Prints one JSON line; exits non-zero with the reason otherwise.
+each dataset's shards at the data version of the shards on disk, plus the runs of every upstream stage.
+Prints one JSON line; exits non-zero with the reason otherwise.
 """
 
 import json
@@ -12,21 +13,22 @@ from typing import Any
 
 import dagster as dg
 
-from assets.export import runtime_artifact
-from assets.lineage import require_materialization
+from assets.datasets import shards_data_version
+from assets.lineage import latest_artifact
 from assets.resources import ProjectPaths
 from pipeline.definitions import defs
 from runtime_export.runtime import META_FILENAME, load_runtime_model
 from training_core.datasets.discovery import dataset_content_hash
 from training_core.datasets.pixels import PixelRule
 from training_core.datasets.rasters import read_item
+from training_core.shards import MANIFEST_FILENAME
 
 UPSTREAM_RUNS = ("evaluation", "training", "shards", "header")
 
 
 def check_sample_artifact(instance: dg.DagsterInstance, paths: ProjectPaths) -> dict[str, Any]:
     """Raise AssertionError naming the first problem; return a summary when the artifact is sound."""
-    artifact_dir = Path(require_materialization(instance, runtime_artifact.key)["metadata"]["artifact_dir"])
+    artifact_dir = Path(latest_artifact(instance).artifact_dir)
     meta = json.loads((artifact_dir / META_FILENAME).read_text())
     lineage = meta["lineage"]
     assert lineage["datasets"], f"{artifact_dir}: lineage names no dataset"
@@ -34,6 +36,9 @@ def check_sample_artifact(instance: dg.DagsterInstance, paths: ProjectPaths) -> 
         current = dataset_content_hash(paths.dataset_dir(dataset_id))
         recorded = lineage["data_versions"].get(dataset_id)
         assert recorded == current, f"{artifact_dir}: data version of {dataset_id} is {recorded}, data is {current}"
+        built = shards_data_version(Path(paths.processed_root) / dataset_id / MANIFEST_FILENAME).value
+        shards = lineage["asset_data_versions"]["processed_shards"].get(dataset_id)
+        assert shards == built, f"{artifact_dir}: shards of {dataset_id} recorded at {shards}, built at {built}"
     for stage in UPSTREAM_RUNS:
         assert lineage["runs"].get(stage), f"{artifact_dir}: lineage has no {stage} run id"
     model = load_runtime_model(artifact_dir)

@@ -5,20 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from assets.datasets import dataset_header, processed_shards, raw_dataset
 from assets.evaluation import iou_evaluation
 from assets.export import best_model, runtime_artifact
 from assets.training import trained_model
+from training_core.config import TrainConfig
 from training_core.datasets.discovery import discover_datasets
 
 SAMPLE_EXTRACTED_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
 SAMPLE_DATASETS = discover_datasets(SAMPLE_EXTRACTED_ROOT)
-
-# The shipped training defaults on the CPU, shared by the CLI (-c) and the launchpad default.
-SAMPLE_RUN_CONFIG_PATH = Path(__file__).with_name("sample_run.yaml")
-SAMPLE_RUN_CONFIG = yaml.safe_load(SAMPLE_RUN_CONFIG_PATH.read_text())
 
 # What a GPU training pod asks Kubernetes for (read by dagster-k8s's run launcher from the run tags).
 GPU_K8S_CONFIG = {
@@ -33,7 +29,13 @@ GPU_K8S_CONFIG = {
 
 
 def training_run_config(**overrides: object) -> dict:
-    return {"ops": {trained_model.op.name: {"config": overrides}}}
+    """A train job's default run config: every TrainConfig field at its default, ``overrides`` applied.
+
+    All fields, not just the overrides: a job's default run config is the default of the launchpad's whole
+    `ops` section, so "Scaffold all default config" writes exactly this and nothing from the schema below it.
+    """
+    config = TrainConfig.model_validate(overrides).model_dump(mode="json", exclude_none=True)
+    return {"ops": {trained_model.op.name: {"config": config}}}
 
 
 observe_raw_datasets = dg.define_asset_job(
@@ -83,15 +85,15 @@ sample_pipeline = dg.define_asset_job(
     selection=dg.AssetSelection.assets(
         dataset_header, processed_shards, trained_model, iou_evaluation, runtime_artifact, best_model
     ),
-    config=SAMPLE_RUN_CONFIG,
+    # No job config: Dagster applies a partitioned job's config only to single-partition runs, and its
+    # launchpad shows the schema defaults, i.e. TrainConfig's. pipeline/sample_run.yaml spells out the same.
     # One run over every sample dataset: the partitions must be registered first (observe_raw_datasets),
     # because Dagster resolves a run's partition range when it creates the run.
     tags={
         "dagster/asset_partition_range_start": SAMPLE_DATASETS[0],
         "dagster/asset_partition_range_end": SAMPLE_DATASETS[-1],
-        "segpipe/device": "cpu",
     },
-    description="The whole graph on the sample data, trained with the shipped defaults on the CPU (CI runs it).",
+    description="The whole graph on the sample data, trained with the shipped defaults (device auto: the CPU in CI).",
 )
 
 ALL_JOBS = [

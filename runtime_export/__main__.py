@@ -3,7 +3,8 @@
 ``python -m runtime_export --smoke-out /tmp/runtime_smoke --seed 7 --steps 1 --embed-dim 8 --max-k 4 --patch-size 32``
 
 writes ``model.npz`` + ``meta.json`` (+ ``metrics.json``) to ``--smoke-out``; the same flags give the
-same arrays on every run (CPU training is seeded end to end).
+same arrays on every run (CPU training is seeded end to end). To export a real training checkpoint:
+``python -m runtime_export.export --checkpoint CKPT --out DIR`` (``runtime_export.export.main``).
 """
 
 from __future__ import annotations

@@ -5,23 +5,34 @@ Artifact directory: ``model.npz`` (plain float32 arrays, batch norm folded into 
 ``metrics.json``. Directories are written aside (with ordinary permissions: the plugin and other
 users read them) and renamed into place, so a reader never sees half an artifact. ``model/best`` is
 a symlink swapped with one ``os.replace``, so promotion is atomic too.
+
+CLI (any training checkpoint, e.g. one trained with ``torchrun`` outside Dagster)::
+
+    python -m runtime_export.export --checkpoint CKPT --out DIR [--processed-root P --dataset-id ID ...]
+
+writes the artifact with the lineage the checkpoint records and the datasets' pixel rules, published only
+when the numpy runtime matches torch on their tiles (``runtime_export.parity``, as the Dagster asset checks).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rasterio.windows import Window
 from torch import nn
 
+from runtime_export.parity import runtime_parity
 from runtime_export.runtime import (
     META_FILENAME,
     METRICS_FILENAME,
@@ -34,14 +45,19 @@ from runtime_export.runtime import (
 from training_core.atomic import make_staging_dir
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
+from training_core.data.sharded import processed_dataset_ids
+from training_core.data.synthetic import synthetic_tile
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import open_raster
+from training_core.datasets.rasters import open_raster, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.model import SegmentationModel, smoothing_kernel
 from training_core.shards import iter_split_items
 from training_core.splits import SPLITS
 
 PROMOTION_METRIC = "val_miou"  # key of metrics.json compared by promote_if_better
+PARITY_KS = (2, 8, 16)
+PARITY_TILES = 2
+PARITY_TILE_SIZE = 256  # a crop keeps the check to seconds on big tiles
 
 
 def runtime_arrays(model: SegmentationModel) -> dict[str, np.ndarray]:
@@ -212,6 +228,80 @@ def export_artifact(
     return export_model(model, config, out_dir, {**lineage, "checkpoint_step": step}, metrics, input_rules)
 
 
+def parity_tiles(processed_root: str | Path, dataset_ids: Iterable[str]) -> list[np.ndarray]:
+    """Up to ``PARITY_TILES`` model-pixel tiles (cropped to ``PARITY_TILE_SIZE``) from the datasets' shards,
+    read under each dataset's pixel rule as training and segmentation read them."""
+
+    def crop(height: int, width: int) -> Window:
+        return Window(0, 0, min(width, PARITY_TILE_SIZE), min(height, PARITY_TILE_SIZE))
+
+    tiles: list[np.ndarray] = []
+    for dataset_id in sorted(dataset_ids):
+        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
+        for split in ("val", "metrics_train", "train"):
+            for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
+                tiles.append(read_item(shard_dir / entry.input, None, rule, crop).image)
+                if len(tiles) == PARITY_TILES:
+                    return tiles
+    if not tiles:
+        raise DatasetError(f"no tile in the shards of {sorted(dataset_ids)} under {processed_root} to test parity on")
+    return tiles
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    processed_root: str | Path | None = None,
+    dataset_ids: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Export a training checkpoint made anywhere (the CLI, ``torchrun``) to ``out_dir``; returns a summary.
+
+    Lineage: what the checkpoint records (step, config hash, the shards' data versions). Input rules: of
+    ``dataset_ids`` under ``processed_root``, each defaulting to what the checkpoint's config trained on.
+    The artifact is staged beside ``out_dir`` and moved there only when the numpy runtime matches torch on
+    those datasets' tiles (synthetic tiles without datasets); otherwise ``out_dir`` is left as it was.
+    """
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    state = load_checkpoint(checkpoint)
+    _, config = model_from_checkpoint(checkpoint)
+    versions: dict[str, str] = state.get("data_versions") or {}
+    on_shards = config.data.source == "shards"
+    trained_on = sorted(versions) or (list(config.data.dataset_ids) if on_shards else [])
+    root = processed_root or (config.data.processed_root if on_shards else None)
+    if root is None:
+        if dataset_ids:
+            raise ValueError("--dataset-id needs --processed-root (the checkpoint's config names none)")
+    elif not Path(root).is_dir():
+        raise ValueError(f"processed root {root} does not exist here: pass --processed-root where the shards are")
+    rule_ids = list(dataset_ids) or trained_on or (processed_dataset_ids(root) if root is not None else [])
+    rules = input_rules_of(root, rule_ids) if rule_ids else {}
+    tiles = (
+        parity_tiles(root, rule_ids)
+        if rules
+        else [synthetic_tile(config.seed, i, PARITY_TILE_SIZE)[0] for i in range(PARITY_TILES)]
+    )
+    lineage = {"checkpoint": str(checkpoint.resolve()), "dataset_ids": trained_on, "data_versions": versions}
+    metrics = {PROMOTION_METRIC: None, "train_final_losses": state["losses"]}
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.check-")
+    try:
+        candidate = export_artifact(checkpoint, staging / out_dir.name, lineage, metrics, rules)
+        parity = runtime_parity(candidate, checkpoint, tiles, PARITY_KS)
+        if not parity["passed"]:
+            raise ValueError(
+                f"parity check failed (label agreement {parity['min_label_agreement']:.5f}, max prob diff "
+                f"{parity['max_prob_diff']:.2e}, thresholds {parity['thresholds']}): {out_dir} left as it was"
+            )
+        _swap_directory(candidate, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "artifact": str(out_dir),
+        "checkpoint_step": int(state["step"]),
+        "input_rules": sorted(rules),
+        "parity": {key: parity[key] for key in ("passed", "min_label_agreement", "max_prob_diff", "n_tiles")},
+    }
+
+
 def promote_if_better(candidate_dir: str | Path, best_dir: str | Path) -> bool:
     """Point ``best_dir`` (a symlink) at a copy of the candidate when its val mIoU is not worse than the best's.
 
@@ -272,3 +362,31 @@ def _swap_directory(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(staging, out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime_export.export",
+        description="Export a training checkpoint to a numpy runtime artifact (model.npz + meta.json), parity-checked.",
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. CKPT_DIR/last.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
+    parser.add_argument("--processed-root", type=Path, help="processed shards root (default: the checkpoint's)")
+    parser.add_argument(
+        "--dataset-id",
+        action="append",
+        default=[],
+        help="dataset whose pixel rule to ship; repeatable (default: the datasets the checkpoint trained on)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        summary = export_checkpoint(args.checkpoint, args.out, args.processed_root, args.dataset_id)
+    except (OSError, ValueError) as error:  # DatasetError and DamagedCheckpointError are ValueErrors
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -56,7 +56,14 @@ from rasterio._err import CPLE_BaseError  # GDAL errors raised on write/close (e
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, PrototypeSample, cell_grid, lattice_step, valid_cells
+from runtime_export.prototypes import (
+    DEFAULT_MAX_FIT_CELLS,
+    PrototypeSample,
+    cell_grid,
+    encoder_input,
+    lattice_step,
+    valid_cells,
+)
 from runtime_export.runtime import STRIDE, Embedding, RuntimeModel, load_runtime_model, select_input_rule
 from training_core.atomic import atomic_path, verify_raster
 from training_core.datasets.pixels import PixelRule
@@ -160,16 +167,11 @@ def choose_input_rule(
     return replace(rule, **changes), f"{source}, overridden: {', '.join(sorted(changes))}"
 
 
-def _read_tile(reader: InputReader, window: Window, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Model RGB of ``window`` with invalid pixels filled, padded (edge) to multiples of 4; and its validity
-    (unpadded; None: all valid)."""
+def _read_tile(model: RuntimeModel, reader: InputReader, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the encoder is fed for ``window`` (``prototypes.encoder_input``: invalid pixels filled, padded to
+    multiples of 4); and its validity (unpadded; None: all valid)."""
     rgb, valid = reader.read(window)
-    if valid is not None:
-        rgb[:, ~valid] = fill[:, None]  # a fresh array of this read: filled in place
-    pad_h, pad_w = (-rgb.shape[1]) % STRIDE, (-rgb.shape[2]) % STRIDE
-    if pad_h or pad_w:
-        rgb = np.pad(rgb, ((0, 0), (0, pad_h), (0, pad_w)), mode="edge")
-    return rgb, valid
+    return encoder_input(model, rgb, valid), valid
 
 
 def _core_cells(tile: TileWindow) -> tuple[slice, slice]:
@@ -265,7 +267,6 @@ def fit_raster_prototypes(
     reader: InputReader,
     k: int,
     tiles: list[TileWindow],
-    fill: np.ndarray,
     step: int,
     spill: EmbeddingSpill,
     progress: Progress | None = None,
@@ -275,7 +276,7 @@ def fit_raster_prototypes(
     progress = progress or Progress(None, len(tiles))
     sample = PrototypeSample(step)
     for tile in tiles:
-        rgb, valid = _read_tile(reader, tile.read, fill)
+        rgb, valid = _read_tile(model, reader, tile.read)
         # All invalid: no valid pixel's label reaches its core's cells (margin_pixels), which stay zero.
         if valid is None or valid.any():
             embedding = model.embed(rgb)
@@ -317,7 +318,6 @@ def segment_raster(
         tiles = list(tile_windows(width, height, tile_size, margin_pixels(model.smooth_iters)))
         grid = cell_grid(height, width)
         step = lattice_step(grid[0] * grid[1], max_fit_cells)
-        fill = np.rint(model.mean.ravel() * model.input_divisor).astype(np.uint8)  # normalises to ~0
         meter = Progress(progress, len(tiles))
         scratch_parent = output_path.parent if scratch_dir is None else Path(scratch_dir)
         scratch_parent.mkdir(parents=True, exist_ok=True)
@@ -325,7 +325,7 @@ def segment_raster(
             tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch_parent) as scratch,
             EmbeddingSpill(Path(scratch) / "embeddings.f32", grid, _embedding_dim(model)) as spill,
         ):
-            prototypes, fit_cells = fit_raster_prototypes(model, reader, k, tiles, fill, step, spill, meter)
+            prototypes, fit_cells = fit_raster_prototypes(model, reader, k, tiles, step, spill, meter)
             meter.start(2)
             nodata_pixels = _write_labels(model, reader, tiles, spill, prototypes, output_path, nodata_label, meter)
     wall = time.perf_counter() - started

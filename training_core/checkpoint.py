@@ -2,8 +2,9 @@
 
 Keys: ``model`` (state_dict), ``optimizer`` (state_dict), ``step`` (int, optimizer steps done),
 ``config`` (``TrainConfig.model_dump(mode="json")``), ``rng`` (python / numpy / torch / cuda states and
-any named ``torch.Generator`` the loop draws from), ``losses`` (last logged loss parts), and
-``scaler`` (the AMP GradScaler state, or None).
+any named ``torch.Generator`` the loop draws from), ``losses`` (last logged loss parts),
+``scaler`` (the AMP GradScaler state, or None) and ``data_versions`` (``{dataset_id: data version}`` of the
+shards trained on; empty for other sources and absent in older checkpoints).
 
 Files in a checkpoint directory: ``step-000123.pt`` for every checkpoint and ``last.pt`` for the newest.
 Every value is a tensor or a plain Python container so the safe unpickler can read it back.
@@ -11,8 +12,11 @@ Every value is a tensor or a plain Python container so the safe unpickler can re
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,12 @@ from training_core.model import SegmentationModel
 
 LAST_NAME = "last.pt"
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+# What torch.load raises on a truncated or garbled file (the zip reader, the unpickler, the OS).
+_UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (truncated, garbled, or missing keys)."""
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -85,6 +95,7 @@ def save_checkpoint(
     losses: dict[str, float] | None = None,
     generators: dict[str, torch.Generator] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    data_versions: Mapping[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint to ``path`` atomically (``training_core.atomic``: a failed write keeps the old file)."""
     path = Path(path)
@@ -96,6 +107,7 @@ def save_checkpoint(
         "rng": capture_rng_state(generators),
         "losses": {name: float(value) for name, value in (losses or {}).items()},
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "data_versions": dict(data_versions or {}),
     }
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
@@ -103,15 +115,36 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler onto the CPU; a missing key is a clear error."""
+    """Read a checkpoint with the safe unpickler onto the CPU.
+
+    A missing file is FileNotFoundError; an unreadable one or one lacking keys is DamagedCheckpointError.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DamagedCheckpointError(
+            f"checkpoint {path} is unreadable (truncated or not a checkpoint): {reason}"
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise DamagedCheckpointError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     missing = {"model", "optimizer", "step", "config", "rng", "losses"} - set(checkpoint)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks the keys {sorted(missing)}")
+        raise DamagedCheckpointError(f"checkpoint {path} lacks the keys {sorted(missing)}")
     return checkpoint
+
+
+def _step_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """The ``step-*.pt`` files, highest step first."""
+    steps = [
+        (int(match.group(1)), entry)
+        for entry in checkpoint_dir.glob("step-*.pt")
+        if (match := _STEP_RE.match(entry.name))
+    ]
+    return [entry for _, entry in sorted(steps, reverse=True)]
 
 
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
@@ -120,12 +153,33 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     last = checkpoint_dir / LAST_NAME
     if last.is_file():
         return last
-    steps = [
-        (int(match.group(1)), entry)
-        for entry in checkpoint_dir.glob("step-*.pt")
-        if (match := _STEP_RE.match(entry.name))
-    ]
-    return max(steps)[1] if steps else None
+    steps = _step_checkpoints(checkpoint_dir)
+    return steps[0] if steps else None
+
+
+def load_latest_checkpoint(checkpoint_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that reads back intact, as (path, contents); None when the directory holds none.
+
+    ``last.pt`` first, then ``step-*.pt`` from the highest step: a damaged file (a crash or a full disk
+    mid-copy) is skipped with a warning naming it and the file used instead. All damaged is an error.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    last = checkpoint_dir / LAST_NAME
+    candidates = [last] if last.is_file() else []
+    candidates += _step_checkpoints(checkpoint_dir)
+    damaged: list[DamagedCheckpointError] = []
+    for path in candidates:
+        try:
+            checkpoint = load_checkpoint(path)
+        except DamagedCheckpointError as error:
+            damaged.append(error)
+            continue
+        for error in damaged:
+            warnings.warn(f"{error}; resuming from {path} instead", RuntimeWarning, stacklevel=2)
+        return path, checkpoint
+    if damaged:
+        raise DamagedCheckpointError(f"no intact checkpoint in {checkpoint_dir}: {'; '.join(map(str, damaged))}")
+    return None
 
 
 def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, TrainConfig]:
@@ -136,5 +190,8 @@ def model_from_checkpoint(path: str | Path) -> tuple[SegmentationModel, TrainCon
     except ValidationError as error:  # e.g. a checkpoint from before a config field was renamed
         raise ValueError(f"checkpoint {path}: its training config does not load with this code: {error}") from error
     model = SegmentationModel(config.model)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:  # weights of another architecture than the config describes
+        raise DamagedCheckpointError(f"checkpoint {path}: the weights do not fit its model config: {error}") from error
     return model.eval(), config

@@ -19,12 +19,21 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    embed_dim: int = Field(96, ge=1)
-    max_k: int = Field(16, ge=2)
-    temperature: float = Field(0.1, gt=0)
-    eval_cluster_iters: int = Field(4, ge=0, description="soft k-means rounds at inference")
-    smoothing: Literal["fast", "learned", "none"] = "fast"
-    smooth_iters: int = Field(2, ge=0)
+    """The network: stride-4 CNN encoder, soft k-means head, smoothing and colour at inference."""
+
+    embed_dim: int = Field(96, ge=1, description="channels of the encoder's stride-4 embedding")
+    max_k: int = Field(
+        16, ge=2, description="most clusters K the seed head offers; training and inference pick K <= this"
+    )
+    temperature: float = Field(
+        0.1, gt=0, description="soft k-means temperature on squared embedding distances (lower: harder assignments)"
+    )
+    eval_cluster_iters: int = Field(4, ge=0, description="soft k-means rounds (assign + update) at inference")
+    smoothing: Literal["fast", "learned", "none"] = Field(
+        "fast",
+        description="3x3 smoothing of the stride-4 assignments: fast (box filter), learned (trained kernel), none",
+    )
+    smooth_iters: int = Field(2, ge=0, description="passes of the 3x3 smoothing over the stride-4 assignments")
     # Colour at inference only since quality sweep 4; in the opponent basis since sweep 6, the chroma
     # weighted above the luminance (docs/MODEL_NOTES.md): on the same 16 checkpoints luminance 2 / chroma 5
     # beat RGB at weight 2 (luminance and chroma 2) on every dataset: kampala +0.025 over k-means on RGB
@@ -34,41 +43,70 @@ class ModelConfig(StrictModel):
     colour_in_training: bool = Field(
         False, description="the training losses cluster the colour too (off: only inference appends it)"
     )
-    input_mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5], min_length=3, max_length=3)
-    input_std: list[float] = Field(default_factory=lambda: [0.25, 0.25, 0.25], min_length=3, max_length=3)
+    input_mean: list[float] = Field(
+        default_factory=lambda: [0.5, 0.5, 0.5],
+        min_length=3,
+        max_length=3,
+        description="R, G, B means subtracted from the input (pixels scaled to [0, 1])",
+    )
+    input_std: list[float] = Field(
+        default_factory=lambda: [0.25, 0.25, 0.25],
+        min_length=3,
+        max_length=3,
+        description="R, G, B standard deviations the centred input is divided by",
+    )
 
 
 class DataConfig(StrictModel):
-    source: Literal["synthetic", "shards", "geo"] = "synthetic"
+    """Where the training patches come from and how they are loaded."""
+
+    source: Literal["synthetic", "shards", "geo"] = Field(
+        "synthetic",
+        description="synthetic (seeded generated tiles), shards (processed shards) or geo (GeoTIFF patches)",
+    )
     processed_root: str | None = Field(None, description="processed shards root (source=shards)")
     dataset_ids: list[str] = Field(default_factory=list, description="datasets to draw from; empty = all")
     split: str = Field("train", description="shard split to train on; labeled splits are never trained on")
     geo_paths: list[str] = Field(default_factory=list, description="GeoTIFFs or folders (source=geo)")
     # 256: the size of a typical labelled aerial tile; 512 patches of such tiles are mostly padding.
-    patch_size: int = Field(256, ge=16)
-    downsample: list[int] = Field(default_factory=lambda: [1, 2], min_length=1, description="scales per step")
-    synthetic_items: int = Field(64, ge=1)
-    max_samples: int | None = Field(None, ge=1, description="cap on items per epoch")
-    num_workers: int = Field(0, ge=0)
-    prefetch_factor: int | None = Field(None, ge=1)
-    persistent_workers: bool = False
-    pin_memory: bool = False
-    cache_mode: Literal["none", "lru"] = "none"
-    cache_max_items: int = Field(0, ge=0, description="per-worker LRU size; 0 = unbounded")
+    patch_size: int = Field(
+        256, ge=16, description="side of a training patch in pixels (a multiple of 4 x each downsample)"
+    )
+    downsample: list[int] = Field(
+        default_factory=lambda: [1, 2],
+        min_length=1,
+        description="input scale-down factors, one drawn per step (1: full)",
+    )
+    synthetic_items: int = Field(64, ge=1, description="tiles per epoch of the synthetic source")
+    max_samples: int | None = Field(None, ge=1, description="cap on items per epoch (one seeded subset); null = no cap")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes; 0 = load in the training process")
+    prefetch_factor: int | None = Field(
+        None, ge=1, description="batches each worker loads ahead (num_workers > 0); null = torch's default"
+    )
+    persistent_workers: bool = Field(False, description="keep the worker processes between epochs (num_workers > 0)")
+    pin_memory: bool = Field(False, description="page-locked batches, for faster copies to a GPU")
+    cache_mode: Literal["none", "lru"] = Field("none", description="decoded-tile cache per worker: none or lru")
+    cache_max_items: int = Field(0, ge=0, description="per-worker LRU size in tiles; 0 = unbounded")
 
 
 class AugmentConfig(StrictModel):
-    flip: bool = True
-    rot90: bool = True
-    noise_std: float = Field(0.02, ge=0)
+    """What differs at random between the two views of a patch."""
+
+    flip: bool = Field(True, description="a view may be mirrored")
+    rot90: bool = Field(True, description="a view may be turned by a multiple of 90 degrees")
+    noise_std: float = Field(0.02, ge=0, description="std of the Gaussian noise added to a view (pixels in [0, 1])")
     colour_jitter: float = Field(0.0, ge=0, lt=1, description="brightness/contrast/saturation factors in 1 +- this")
 
 
 class LossConfig(StrictModel):
-    consistency: float = Field(1.0, ge=0)
-    pixel_entropy: float = Field(0.1, ge=0)
-    marginal_entropy: float = Field(1.0, ge=0)
-    smoothness: float = Field(0.1, ge=0)
+    """Weights of the unsupervised loss terms (each a mean over pixels; entropies in units of log K)."""
+
+    consistency: float = Field(1.0, ge=0, description="weight of the symmetric KL between the two views' assignments")
+    pixel_entropy: float = Field(0.1, ge=0, description="weight of the per-pixel entropy (minimised: pixels commit)")
+    marginal_entropy: float = Field(
+        1.0, ge=0, description="weight of the batch's cluster-usage entropy (maximised: every cluster used)"
+    )
+    smoothness: float = Field(0.1, ge=0, description="weight of the edge-aware smoothness (neighbours agree)")
     edge_sharpness: float = Field(10.0, ge=0, description="smoothness weight is exp(-this * colour step)")
     # Weight 3 since quality sweep 3 (docs/MODEL_NOTES.md): over 8 seeds it lifted kampala and quebec
     # above their floors; weight 1 and 2 scored lower on both.
@@ -76,25 +114,35 @@ class LossConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    """One training run: the model, its data, augmentation, losses and the optimisation."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
+    data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description=AugmentConfig.__doc__)
+    loss: LossConfig = Field(default_factory=LossConfig, description=LossConfig.__doc__)
     # The quality defaults (docs/MODEL_NOTES.md): longer runs scored worse on held-out tiles.
-    steps: int = Field(400, ge=1)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    steps: int = Field(400, ge=1, description="optimizer steps to train for")
+    batch_size: int = Field(4, ge=1, description="patches per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches accumulated into one optimizer step")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     k_min: int = Field(2, ge=2, description="K is drawn per step uniformly from [k_min, model.max_k]")
     cluster_iters: list[int] = Field(
-        default_factory=lambda: [2, 6], min_length=2, max_length=2, description="[min, max] soft k-means rounds"
+        default_factory=lambda: [2, 6],
+        min_length=2,
+        max_length=2,
+        description="[min, max] soft k-means rounds in training, drawn per step",
     )
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = Field(42, description="seed of the initial weights, the per-step draws and the views")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="where to train; auto: CUDA, else MPS, else the CPU"
+    )
     amp: bool = Field(False, description="AMP on CPU (always on for CUDA, off for MPS)")
-    checkpoint_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the last step)")
+    log_every: int = Field(10, ge=1, description="steps between progress lines (and one at the last step)")
+    eval_every: int = Field(
+        0, ge=0, description="score the labeled datasets of data.processed_root every this many steps (0: off)"
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> TrainConfig:

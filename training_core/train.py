@@ -6,8 +6,13 @@ marginal entropy is reduced over ranks, so they must agree on K); the two views 
 are drawn from a generator seeded by (seed, step, rank, micro-batch). Seeding per step is what makes
 a resumed run continue exactly: nothing but the data position has to be replayed.
 
-Outputs in ``checkpoint_dir``: ``step-000050.pt`` ... and ``last.pt`` (see ``training_core.checkpoint``)
-and ``train_log.jsonl`` with one JSON object per optimizer step. Under ``torchrun`` only rank 0 writes.
+Outputs in ``checkpoint_dir``: ``step-000050.pt`` ... and ``last.pt`` (see ``training_core.checkpoint``),
+``train_log.jsonl`` with one JSON object per optimizer step, and TensorBoard event files (``loss/<part>``,
+``train/lr``, ``train/images_per_s`` every step; ``eval/<dataset>/...`` every ``eval_every`` steps). Under
+``torchrun`` only rank 0 writes.
+
+Resuming checks the checkpoint's config against the new one: only ``RESUMABLE_FIELDS`` may differ, unless
+the caller overrides (the override is logged). A damaged ``last.pt`` falls back to the newest intact step file.
 """
 
 from __future__ import annotations
@@ -22,27 +27,32 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from tqdm import tqdm
+from torch.utils.tensorboard import SummaryWriter
 
 from training_core.checkpoint import (
     LAST_NAME,
+    DamagedCheckpointError,
+    capture_rng_state,
     latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
     step_checkpoint_name,
 )
-from training_core.config import TrainConfig, load_config
+from training_core.config import DataConfig, TrainConfig, load_config
 from training_core.data import build_loader, set_loader_epoch, unit_float
+from training_core.data.sharded import processed_dataset_ids
 from training_core.data.views import make_views
 from training_core.device import DevicePolicy, device_policy
 from training_core.distributed import (
@@ -51,11 +61,32 @@ from training_core.distributed import (
     start_process_group,
     stop_process_group,
 )
+from training_core.eval import EVAL_SPLIT, MODEL, dataset_label_space, evaluate_model
 from training_core.losses import AllReduce, two_view_losses
 from training_core.model import SegmentationModel
+from training_core.shards import read_manifest
 
 LOG_NAME = "train_log.jsonl"
 LOSS_PARTS = ("total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness", "cross_view_mi")
+# Config fields (dotted paths) a resume may change: how long, where and how often to log, checkpoint and
+# evaluate, and how the loader feeds the same data. Any other change alters what the weights learn from.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "device",
+        "amp",  # the Dagster asset resumes a training moved between CPU and GPU (AMP always on for CUDA)
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "data.num_workers",
+        "data.prefetch_factor",
+        "data.persistent_workers",
+        "data.pin_memory",
+        "data.cache_mode",
+        "data.cache_max_items",
+    }
+)
+_ABSENT = "<absent>"  # a field only one of two configs has (renamed or added since the checkpoint)
 
 
 @dataclass
@@ -69,6 +100,10 @@ class TrainResult:
     device: str
     amp: bool
     interrupted: bool = False  # stopped early by SIGTERM (a checkpoint was saved)
+
+
+class ConfigMismatchError(ValueError):
+    """``resume`` found a checkpoint trained under another config."""
 
 
 @dataclass(frozen=True)
@@ -196,18 +231,105 @@ def _trim_log(log_path: Path, keep_through_step: int) -> None:
     tmp.replace(log_path)
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data": {"source": ...}}`` -> ``{"data.source": ...}`` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted path: (checkpoint's value, config's value)}`` for every field outside ``RESUMABLE_FIELDS``
+    where a checkpoint's config (``model_dump(mode="json")``) and ``config`` differ."""
+    old, new = _flatten(saved), _flatten(config.model_dump(mode="json"))
+    return {
+        path: (old.get(path, _ABSENT), new.get(path, _ABSENT))
+        for path in sorted(old.keys() | new.keys())
+        if path not in RESUMABLE_FIELDS and old.get(path, _ABSENT) != new.get(path, _ABSENT)
+    }
+
+
+def _describe(changed: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{path} ({old!r} in the checkpoint, {new!r} now)" for path, (old, new) in changed.items())
+
+
+def data_versions(data: DataConfig) -> dict[str, str]:
+    """``{dataset_id: data version}`` of the shards trained on (empty for synthetic and geo sources)."""
+    if data.source != "shards" or data.processed_root is None:
+        return {}
+    ids = data.dataset_ids or processed_dataset_ids(data.processed_root)
+    return {dataset_id: read_manifest(data.processed_root, dataset_id)["data_version"] for dataset_id in ids}
+
+
+def eval_datasets(config: TrainConfig) -> list[str]:
+    """The datasets periodic evaluation scores: every one under ``data.processed_root`` with labeled val tiles."""
+    if not config.eval_every:
+        return []
+    root = config.data.processed_root
+    if config.data.source != "shards" or root is None:
+        warnings.warn(f"eval_every={config.eval_every} ignored: evaluation needs data.source=shards", stacklevel=4)
+        return []
+    return [
+        dataset_id
+        for dataset_id in processed_dataset_ids(root)
+        if read_manifest(root, dataset_id)["counts"].get(EVAL_SPLIT, 0) > 0
+        and dataset_label_space(root, dataset_id)[0] is not None
+    ]
+
+
+def evaluate_into(
+    writer: SummaryWriter, model: SegmentationModel, config: TrainConfig, dataset_ids: list[str], step: int
+) -> None:
+    """``eval/<dataset>/{val_miou,majority_k8_miou,min_cluster_share}`` of the current weights.
+
+    Evaluation seeds torch (the untrained control) and runs the model in eval mode: every RNG state is put
+    back and train mode restored, so a run with evaluation trains exactly as one without.
+    """
+    rng = capture_rng_state()
+    try:
+        for dataset_id in dataset_ids:
+            report = evaluate_model(model, config, config.data.processed_root, dataset_id, n_samples=0)
+            scalars = {
+                "val_miou": report.miou(MODEL),
+                "majority_k8_miou": report.majority_k8_miou(MODEL),
+                "min_cluster_share": min(report.methods[MODEL].cluster_shares),
+            }
+            for name, value in scalars.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{dataset_id}/{name}", value, step)
+    finally:
+        restore_rng_state(rng)
+        model.train()
+
+
+def progress_line(row: Mapping[str, Any], total_steps: int) -> str:
+    """One line per log interval (the CLI's stderr, Dagster's run log): step, loss parts, K, throughput, ETA."""
+    losses = " ".join(f"{name}={float(row[name]):.4f}" for name in LOSS_PARTS if name in row)
+    return (
+        f"step {row['step']}/{total_steps} {losses} k={row.get('k')} "
+        f"{float(row['images_per_s']):.2f} img/s ETA {float(row['eta_s']):.0f}s"
+    )
+
+
 def train(
     config: TrainConfig,
     checkpoint_dir: Path,
     resume: bool = True,
     progress: Callable[[dict], None] | None = None,
     stop_after_steps: int | None = None,
+    override_config: bool = False,
 ) -> TrainResult:
     """Train until ``config.steps`` optimizer steps are done in total, checkpointing into ``checkpoint_dir``.
 
-    ``resume``: continue from the newest checkpoint there (without it, the directory must hold none).
+    ``resume``: continue from the newest intact checkpoint there (without it, the directory must hold
+    none); a checkpoint trained under a config that differs outside ``RESUMABLE_FIELDS`` is refused
+    (ConfigMismatchError naming the fields) unless ``override_config``, which resumes and logs the change.
     ``progress``: called on rank 0 every ``log_every`` steps and at the last step with the step's log
-    record (step, loss parts, k, images_per_s, eta_s, ...). ``stop_after_steps``: do at most this many
+    record (step, loss parts, k, lr, images_per_s, eta_s, ...). ``stop_after_steps``: do at most this many
     steps in this call, then checkpoint and return (time-boxed runs, resume tests).
     """
     checkpoint_dir = Path(checkpoint_dir)
@@ -215,7 +337,7 @@ def train(
     policy = device_policy(config.device, config.amp, local_rank=dist_ctx.local_rank)
     start_process_group(dist_ctx, policy.device)
     try:
-        return _train(config, checkpoint_dir, resume, progress, stop_after_steps, dist_ctx, policy)
+        return _train(config, checkpoint_dir, resume, progress, stop_after_steps, override_config, dist_ctx, policy)
     finally:
         stop_process_group()
 
@@ -226,6 +348,7 @@ def _train(
     resume: bool,
     progress: Callable[[dict], None] | None,
     stop_after_steps: int | None,
+    override_config: bool,
     dist_ctx: DistributedContext,
     policy: DevicePolicy,
 ) -> TrainResult:
@@ -237,12 +360,22 @@ def _train(
     scaler = torch.amp.GradScaler(policy.device.type, enabled=policy.grad_scaler)
 
     # Resume: weights, optimizer moments, loss scale, global RNG states and the step count.
-    start_step, last_losses, checkpoint_path = 0, {}, None
+    start_step, last_losses, checkpoint_path, overridden = 0, {}, None, {}
     existing = latest_checkpoint(checkpoint_dir)
     if existing is not None and not resume:
         raise FileExistsError(f"{checkpoint_dir} already holds {existing.name}: resume, or train into an empty dir")
-    if existing is not None:
-        checkpoint = load_checkpoint(existing)
+    loaded = load_latest_checkpoint(checkpoint_dir) if resume else None
+    if loaded is not None:
+        existing, checkpoint = loaded
+        overridden = config_differences(checkpoint["config"], config)
+        if overridden and not override_config:
+            raise ConfigMismatchError(
+                f"{existing} was trained under another config: {_describe(overridden)}. Resume with the same "
+                "config, train into a new checkpoint dir, or override (--override-config) to continue these "
+                "weights under the new one"
+            )
+        if overridden:
+            warnings.warn(f"resuming {existing} under a changed config: {_describe(overridden)}", stacklevel=3)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler") is not None:  # absent in checkpoints written without AMP scaling
@@ -254,6 +387,8 @@ def _train(
     all_reduce = dist_ctx.all_reduce_sum if dist_ctx.enabled else None
     loader = build_loader(config.data, config.batch_size, config.seed, dist_ctx.rank, dist_ctx.world_size)
     batches = endless_batches(loader, skip=start_step * config.grad_accum)
+    versions = data_versions(config.data)
+    to_evaluate = eval_datasets(config) if dist_ctx.is_main else []
 
     log_path = checkpoint_dir / LOG_NAME
     if dist_ctx.is_main:
@@ -263,11 +398,21 @@ def _train(
     images_per_step = config.batch_size * config.grad_accum * dist_ctx.world_size
     stop = _StopRequest()
     interrupted = False
-    bar = tqdm(total=config.steps, initial=start_step, disable=not dist_ctx.is_main, desc="train", unit="step")
     started = time.perf_counter()
     step = start_step
     model.train()
-    with stop.on_sigterm(), log_path.open("a") if dist_ctx.is_main else contextlib.nullcontext() as log:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(stop.on_sigterm())
+        log = writer = None
+        if dist_ctx.is_main:
+            log = stack.enter_context(log_path.open("a"))
+            # purge_step hides the events of steps after the checkpoint (they are redone), as _trim_log does.
+            writer = SummaryWriter(str(checkpoint_dir), purge_step=start_step + 1 if start_step else None)
+            stack.callback(writer.close)
+            if overridden:
+                changed = {path: {"checkpoint": old, "now": new} for path, (old, new) in overridden.items()}
+                override = {"step": start_step, "event": "config_override", "checkpoint": str(existing)}
+                log.write(json.dumps({**override, "changed": changed}) + "\n")
         while step < end_step:
             step_started = time.perf_counter()
             plan = plan_step(config, step)
@@ -306,6 +451,7 @@ def _train(
                 "step": step,
                 **losses,
                 **asdict(plan),
+                "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": images_per_step / step_s,
                 "step_s": step_s,
                 "eta_s": (time.perf_counter() - started) / (step - start_step) * (config.steps - step),
@@ -313,18 +459,23 @@ def _train(
             if dist_ctx.is_main:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses['total']:.4f}", k=plan.k)
+                for name in LOSS_PARTS:
+                    writer.add_scalar(f"loss/{name}", losses[name], step)
+                writer.add_scalar("train/lr", record["lr"], step)
+                writer.add_scalar("train/images_per_s", record["images_per_s"], step)
                 if progress is not None and (step % config.log_every == 0 or step == end_step):
                     progress(record)
             if step % config.checkpoint_every == 0 or step == end_step or interrupted:
                 checkpoint_path = checkpoint_dir / step_checkpoint_name(step)
                 if dist_ctx.is_main:
                     state = {"model": model, "optimizer": optimizer, "config": config, "scaler": scaler}
-                    _write_checkpoint(checkpoint_dir, step, losses=last_losses, **state)
+                    _write_checkpoint(checkpoint_dir, step, losses=last_losses, data_versions=versions, **state)
             if interrupted:
                 break
-    bar.close()
+            # Rank 0 only (the others wait at the next step's reduction); after the checkpoint, so a long
+            # evaluation never delays it.
+            if to_evaluate and step % config.eval_every == 0:
+                evaluate_into(writer, model, config, to_evaluate, step)
     dist_ctx.barrier()  # no rank leaves before rank 0 has written the last checkpoint
     wall_s = time.perf_counter() - started
     return TrainResult(
@@ -348,6 +499,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="Python module with get_config()/CONFIG, or a YAML file")
     parser.add_argument("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the dir")
+    parser.add_argument(
+        "--override-config",
+        action="store_true",
+        help="with --resume: continue even if the checkpoint was trained under another config (logged)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on the CPU")
     parser.add_argument("--steps", type=int)
@@ -364,6 +520,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-samples", type=int)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--log-every", type=int)
+    parser.add_argument("--eval-every", type=int, help="score the labeled shards every N steps (TensorBoard)")
     return parser.parse_args(argv)
 
 
@@ -378,6 +535,7 @@ _OVERRIDES = {
     "seed": (None, "seed"),
     "checkpoint_every": (None, "checkpoint_every"),
     "log_every": (None, "log_every"),
+    "eval_every": (None, "eval_every"),
     "data_source": ("data", "source"),
     "processed_root": ("data", "processed_root"),
     "dataset_id": ("data", "dataset_ids"),
@@ -401,7 +559,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     config = config_from_args(args)
-    result = train(config, Path(args.checkpoint_dir), resume=args.resume)
+    try:
+        result = train(
+            config,
+            Path(args.checkpoint_dir),
+            resume=args.resume,
+            progress=lambda row: print(progress_line(row, config.steps), file=sys.stderr, flush=True),
+            override_config=args.override_config,
+        )
+    except (ConfigMismatchError, DamagedCheckpointError) as error:  # a resume refused, or nothing to resume from
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if context_from_env().is_main:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}))
     if result.interrupted:

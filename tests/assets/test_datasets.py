@@ -29,11 +29,14 @@ def test_dataset_header_called_directly_writes_the_header_and_its_yaml_metadata(
 ) -> None:
     paths: ProjectPaths = resources["paths"]
     context = dg.build_asset_context(partition_key="quebec_buildings", instance=instance)
-    result = dataset_header(context=context, paths=paths)
+    materialization, result = dataset_header(context=context, paths=paths)
     header = load_header(paths.header_path("quebec_buildings"))
     assert header.dataset_id == "quebec_buildings"
-    assert result.metadata["data_version"] == dataset_content_hash(paths.dataset_dir("quebec_buildings"))
-    assert "dataset_id: quebec_buildings" in result.metadata["header"].value
+    assert materialization.partition == "quebec_buildings"
+    assert materialization.metadata["data_version"].value == dataset_content_hash(paths.dataset_dir("quebec_buildings"))
+    assert "dataset_id: quebec_buildings" in materialization.metadata["header"].value
+    assert materialization.tags["dagster/code_version"] == "header-v0"
+    assert isinstance(result, dg.MaterializeResult)
 
 
 def test_header_and_shards_materialize_with_counts_metadata_and_passing_checks(
@@ -71,22 +74,73 @@ def test_observation_registers_new_folders_as_partitions_with_content_hash_versi
         assert observed == dataset_content_hash(extracted_root / "quebec_buildings")
 
 
-def test_a_ranged_run_builds_every_dataset_and_prefixes_metadata_by_dataset(
+RANGE = {
+    "dagster/asset_partition_range_start": "quebec_buildings",
+    "dagster/asset_partition_range_end": "unlabeled_scenes",
+}
+
+
+def test_a_ranged_run_records_each_dataset_once_with_its_own_metadata_and_checks(
     resources: dict, instance: dg.DagsterInstance
 ) -> None:
     result = dg.materialize(
-        [dataset_header, processed_shards],
-        resources=resources,
-        instance=instance,
-        tags={
-            "dagster/asset_partition_range_start": "quebec_buildings",
-            "dagster/asset_partition_range_end": "unlabeled_scenes",
-        },
+        [dataset_header, processed_shards, *DATA_PLANE_CHECKS], resources=resources, instance=instance, tags=RANGE
     )
     assert result.success
-    shards = result.asset_materializations_for_node("processed_shards")
-    assert sorted(m.partition for m in shards) == ["quebec_buildings", "unlabeled_scenes"]
-    assert shards[0].metadata["unlabeled_scenes/count_train"].value == 3
+    paths: ProjectPaths = resources["paths"]
+    for node in ("dataset_header", "processed_shards"):
+        events = {m.partition: m for m in result.asset_materializations_for_node(node)}
+        assert len(events) == len(result.asset_materializations_for_node(node)) == 2  # one event per dataset
+        for dataset_id, event in events.items():
+            assert not any("/" in key for key in event.metadata)  # no `<dataset>/<key>` entries
+            assert event.metadata["data_version"].value == dataset_content_hash(paths.dataset_dir(dataset_id))
+        assert (
+            events["quebec_buildings"].tags["dagster/data_version"]
+            != events["unlabeled_scenes"].tags["dagster/data_version"]
+        )
+    shards = {m.partition: m.metadata for m in result.asset_materializations_for_node("processed_shards")}
+    assert (shards["quebec_buildings"]["count_train"].value, shards["unlabeled_scenes"]["count_train"].value) == (0, 3)
+
+    evaluations = result.get_asset_check_evaluations()
+    assert sorted((e.check_name, e.partition) for e in evaluations) == sorted(
+        (spec.name, dataset_id)
+        for check in DATA_PLANE_CHECKS
+        for spec in check.check_specs
+        for dataset_id in ("quebec_buildings", "unlabeled_scenes")
+    )
+    assert all(e.passed for e in evaluations)
+
+
+def test_a_ranged_run_fails_a_check_only_for_the_dataset_with_the_problem(
+    resources: dict, instance: dg.DagsterInstance, monkeypatch
+) -> None:
+    """quebec's shards lose an item, unlabeled_scenes' are sound: the check's status per dataset says so, in the
+    run's results and in the instance's check records the UI lists."""
+
+    def lose_quebec_val(*args, **kwargs):
+        report = build_shards(*args, **kwargs)
+        if args[2] == "quebec_buildings":
+            (shard_dir,) = shard_dirs(args[1], args[2], "val")
+            (shard_dir / INDEX_FILENAME).write_text("")
+        return report
+
+    monkeypatch.setattr(assets.datasets, "build_shards", lose_quebec_val)
+    result = dg.materialize(
+        [dataset_header, processed_shards, checks.every_item_in_one_split],
+        resources=resources,
+        instance=instance,
+        tags=RANGE,
+        raise_on_error=False,
+    )
+    assert not result.success  # a blocking check failed
+    outcome = {e.partition: e.passed for e in result.get_asset_check_evaluations()}
+    assert outcome == {"quebec_buildings": False, "unlabeled_scenes": True}
+    check_key = dg.AssetCheckKey(processed_shards.key, "every_item_in_one_split")
+    stored = {
+        info.partition_key: info.latest_execution_status.value
+        for info in instance.event_log_storage.get_asset_check_partition_info([check_key])
+    }
+    assert stored == {"quebec_buildings": "FAILED", "unlabeled_scenes": "SUCCEEDED"}
 
 
 def test_a_failed_blocking_check_stops_everything_downstream(

@@ -1,20 +1,30 @@
-"""The trained_model run config is TrainConfig itself: schema derived from it, values validated by it."""
+"""The trained_model run config is a dg.Config generated from TrainConfig; what the launchpad shows of it."""
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 import pytest
-from pydantic import ValidationError
+import yaml
 
-from assets.pydantic_config import config_schema_from_model
-from assets.training import TRAIN_CONFIG_SCHEMA
+# The function the webserver answers the launchpad's `rootDefaultYaml` with ("Scaffold all default config").
+from dagster._core.snap.snap_to_yaml import default_values_yaml_from_type_snap
+from pydantic import BaseModel, ValidationError
+
+from assets.training import TrainRunConfig, trained_model
+from pipeline.definitions import defs
 from training_core.config import TrainConfig
+
+SAMPLE_RUN_YAML = Path(__file__).resolve().parents[2] / "pipeline" / "sample_run.yaml"
 
 
 def run_op_with(config: dict) -> TrainConfig:
+    """The op config as trained_model receives and converts it."""
     seen: list[TrainConfig] = []
 
-    @dg.op(config_schema=TRAIN_CONFIG_SCHEMA)
-    def probe(context: dg.OpExecutionContext) -> None:
-        seen.append(TrainConfig.model_validate(context.op_config))
+    @dg.op
+    def probe(config: TrainRunConfig) -> None:
+        seen.append(TrainConfig.model_validate(config.model_dump()))
 
     @dg.job
     def probe_job() -> None:
@@ -22,6 +32,29 @@ def run_op_with(config: dict) -> TrainConfig:
 
     probe_job.execute_in_process(run_config={"ops": {"probe": {"config": config}}})
     return seen[0]
+
+
+def schema_fields(fields: dict[str, dg.Field], prefix: str = "") -> Iterator[tuple[str, dg.Field]]:
+    """(dotted path, field) of every field of a Dagster config schema, nested sections included."""
+    for name, field in fields.items():
+        yield prefix + name, field
+        if isinstance(field.config_type, dg.Shape):
+            yield from schema_fields(field.config_type.fields, f"{prefix}{name}.")
+
+
+def model_paths(model_cls: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    for name, info in model_cls.model_fields.items():
+        yield prefix + name
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from model_paths(info.annotation, f"{prefix}{name}.")
+
+
+def launchpad_default(job_name: str) -> dict:
+    """The run config "Scaffold all default config" merges into a job's launchpad (and a partitioned job opens with)."""
+    snapshot = defs.resolve_job_def(job_name).get_job_snapshot()
+    schema = snapshot.config_schema_snapshot
+    root = schema.get_config_snap(snapshot.mode_def_snaps[0].root_config_key)
+    return yaml.safe_load(default_values_yaml_from_type_snap(schema, root))
 
 
 def test_empty_run_config_gives_the_pydantic_defaults() -> None:
@@ -49,10 +82,35 @@ def test_dagster_rejects_unknown_keys_and_literal_values_before_the_op_runs() ->
 def test_bounds_dagster_cannot_express_are_enforced_by_the_same_pydantic_model() -> None:
     with pytest.raises(ValidationError, match="steps"):
         run_op_with({"steps": 0})
+    with pytest.raises(ValidationError, match="patch_size"):
+        run_op_with({"data": {"patch_size": 100}})  # not a multiple of 4 x each downsample factor
 
 
-def test_schema_carries_descriptions_and_defaults() -> None:
-    schema = config_schema_from_model(TrainConfig)
-    assert set(schema) == set(TrainConfig.model_fields)
-    assert schema["lr"].default_value == pytest.approx(3e-4)
-    assert "uniformly" in schema["k_min"].description
+def test_trained_model_schema_has_every_field_with_its_default_and_a_one_line_description() -> None:
+    fields = trained_model.op.config_schema.config_type.fields
+    defaults = TrainConfig()
+    assert fields["steps"].default_value == defaults.steps
+    assert fields["batch_size"].default_value == defaults.batch_size
+    assert fields["data"].config_type.fields["patch_size"].default_value == defaults.data.patch_size
+    # A section's own default lists its fields: that is what the launchpad scaffolds.
+    assert fields["data"].default_value["patch_size"] == defaults.data.patch_size
+    described = dict(schema_fields(fields))
+    assert set(described) == set(model_paths(TrainConfig))
+    assert [path for path, field in described.items() if not field.description or "\n" in field.description] == []
+
+
+@pytest.mark.parametrize(("job_name", "device"), [("train_cpu", "cpu"), ("train_gpu", "cuda")])
+def test_train_job_launchpad_opens_with_and_scaffolds_every_field_at_its_default(job_name: str, device: str) -> None:
+    expected = TrainConfig(device=device).model_dump(mode="json", exclude_none=True)
+    # The job's own config is the launchpad's starting text (its "default" preset) ...
+    assert defs.resolve_job_def(job_name).run_config["ops"]["trained_model"]["config"] == expected
+    # ... and "Scaffold all default config" writes it again, nested sections included.
+    assert launchpad_default(job_name)["ops"]["trained_model"]["config"] == expected
+
+
+def test_sample_run_yaml_is_the_sample_pipeline_launchpad_default() -> None:
+    launchpad = launchpad_default("sample_pipeline")["ops"]
+    assert yaml.safe_load(SAMPLE_RUN_YAML.read_text())["ops"] == launchpad, (
+        f"{SAMPLE_RUN_YAML} disagrees with the sample_pipeline launchpad; its `ops` are:\n"
+        + yaml.safe_dump(launchpad, sort_keys=False)
+    )

@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from assets.datasets import dataset_header, processed_shards
+from assets.lineage import file_sha256
 from assets.resources import ProjectPaths, TrainingDevice
 from assets.training import assignments_not_uniform, trained_model, training_config, training_key
 from training_core.config import TrainConfig
@@ -46,7 +47,8 @@ def test_trained_model_trains_on_unlabeled_shards_and_reports_progress_and_metad
     assert metadata["device"] == "cpu"  # `auto` resolved by the TrainingDevice resource
     assert metadata["steps"] == 4 and metadata["resumed_from_step"] == 0
     assert metadata["datasets"] == ["unlabeled_scenes"]  # quebec has no unlabeled `train` items
-    assert Path(metadata["checkpoint_path"]).is_file()
+    assert Path(metadata["checkpoint_path"]).name == "step-000004.pt" and Path(metadata["checkpoint_path"]).is_file()
+    assert metadata["checkpoint_sha256"] == file_sha256(metadata["checkpoint_path"])
     assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert set(metadata["final_losses"]) >= {"total", "consistency"}
     assert metadata["upstream"]["unlabeled_scenes"]["run_id"]
@@ -85,7 +87,11 @@ def test_rematerializing_the_same_config_resumes_from_its_checkpoint(built: dict
     (a,) = first.asset_materializations_for_node("trained_model")
     (b,) = second.asset_materializations_for_node("trained_model")
     assert b.metadata["resumed_from_step"].value == 4
-    assert Path(a.metadata["checkpoint_path"].value).parent == Path(b.metadata["checkpoint_path"].value).parent
+    # The second run found the training done (resuming from last.pt): it names the same file, same weights.
+    for key in ("checkpoint_path", "checkpoint_sha256"):
+        assert a.metadata[key].value == b.metadata[key].value
+    assert a.tags["dagster/data_version"] == b.tags["dagster/data_version"]
+    assert a.tags["dagster/code_version"] == "train-v1"
 
 
 def test_training_key_ignores_the_device_but_not_the_data(built: dict, instance: dg.DagsterInstance) -> None:

@@ -236,9 +236,13 @@ def stop_process_group(process: subprocess.Popen[bytes], timeout_s: float = 30) 
     process.wait()
 
 
-@pytest.fixture
-def dagster_dev(tmp_path: Path) -> Iterator[DagsterDevServer]:
-    """`dagster dev -w workspace.yaml` on 127.0.0.1:<free port>, with a fresh DAGSTER_HOME and work root."""
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDevServer]:
+    """`dagster dev -w workspace.yaml` on 127.0.0.1:<free port>, with a fresh DAGSTER_HOME and work root.
+
+    One server per test module: starting it takes most of a minute on a small machine.
+    """
+    tmp_path = tmp_path_factory.mktemp("dagster_dev")
     dagster_home, work_root = tmp_path / "dagster_home", tmp_path / "work"
     dagster_home.mkdir()
     work_root.mkdir()

@@ -1,10 +1,13 @@
 """The Dagster UI as a person uses it: headless Chromium against `dagster dev -w workspace.yaml`.
 
-Registers the sample datasets (the `observe_raw_datasets` job's Observe button), launches
-`sample_pipeline` from its launchpad with a tiny training budget typed into the config editor, waits for
-the run in the page, then checks the artifact's upstream lineage graph (five stages connected) and its
-asset page (mIoU, data versions, the evaluation picture). Screenshots go to the test's tmp folder; the
-lineage graph is copied to docs/lineage_graph.png for the README with SEGPIPE_UPDATE_README_SCREENSHOT=1.
+The `train_cpu` launchpad opens with every training field at its default, and "Scaffold all default
+config" writes them all again into an emptied editor. Then the sample run: registers the sample datasets
+(the `observe_raw_datasets` job's Observe button), checks the `sample_pipeline` launchpad starts from
+pipeline/sample_run.yaml, launches it with a tiny training budget typed into the config editor, waits for
+the run in the page, then checks the artifact's upstream lineage graph (five stages connected), its asset
+page (mIoU, data versions) and iou_evaluation's (mIoU, the model beside its controls). Screenshots go to
+the test's tmp folder; with SEGPIPE_UPDATE_README_SCREENSHOT=1 the README's (lineage graph, train_cpu
+launchpad, iou_evaluation page) are copied to docs/.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pytest
 import yaml
 
 from tests.ops.conftest import REPO_ROOT, DagsterDevServer, ensure_chromium_installed
+from training_core.config import TrainConfig
 from training_core.datasets.discovery import dataset_content_hash
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extras")
@@ -53,8 +57,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 RUN_TIMEOUT_S = 600
-LINEAGE_SCREENSHOT = REPO_ROOT / "docs" / "lineage_graph.png"
 SAMPLE_EXTRACTED_ROOT = REPO_ROOT / "sample_data" / "extracted"
+SAMPLE_RUN_YAML = REPO_ROOT / "pipeline" / "sample_run.yaml"
+EDITOR_TEXT = "() => document.querySelector('.CodeMirror').CodeMirror.getValue()"
 
 
 @contextmanager
@@ -95,6 +100,32 @@ def set_launchpad_config(page: playwright_sync.Page, run_config_yaml: str) -> No
     page.evaluate("(text) => document.querySelector('.CodeMirror').CodeMirror.setValue(text)", run_config_yaml)
 
 
+def launchpad_ops(page: playwright_sync.Page) -> dict:
+    """The `ops` section of the launchpad's YAML, once the editor holds the trained_model config."""
+    page.wait_for_function(f"() => ({EDITOR_TEXT})().includes('trained_model:')")
+    return yaml.safe_load(page.evaluate(EDITOR_TEXT))["ops"]
+
+
+def put_cursor_on(page: playwright_sync.Page, key: str) -> None:
+    """Put the editor's cursor at the end of the first line that starts with `key` (the help panel follows it)."""
+    page.evaluate(
+        """(key) => {
+        const editor = document.querySelector('.CodeMirror').CodeMirror;
+        const line = editor.getValue().split('\\n').findIndex((text) => text.trim().startsWith(key));
+        editor.focus();
+        editor.setCursor({line, ch: editor.getLine(line).length});
+      }""",
+        key,
+    )
+
+
+def update_readme_screenshots(copies: dict[Path, str]) -> None:
+    """Copy screenshots to docs/ (README images) only when asked: a test run leaves the checkout alone."""
+    if os.environ.get("SEGPIPE_UPDATE_README_SCREENSHOT") == "1":
+        for screenshot, name in copies.items():
+            shutil.copy(screenshot, REPO_ROOT / "docs" / name)
+
+
 def rendered_graph(page: playwright_sync.Page) -> tuple[set[str], set[tuple[str, str]]]:
     """Asset nodes and edges as drawn: each edge path's ends are matched to the node box they touch."""
     drawn = page.evaluate(
@@ -127,6 +158,31 @@ def metadata_row(page: playwright_sync.Page, table: playwright_sync.Locator, key
     return table.locator("tr").filter(has=page.get_by_text(key, exact=True)).first
 
 
+def test_train_cpu_launchpad_scaffolds_every_training_field_at_its_default(
+    dagster_dev: DagsterDevServer, tmp_path: Path
+) -> None:
+    chromium = ensure_chromium_installed()
+    defaults = TrainConfig(device="cpu")
+    expected = defaults.model_dump(mode="json", exclude_none=True)
+    with browser_page(chromium) as page:
+        page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/train_cpu/playground", wait_until="networkidle")
+        assert launchpad_ops(page)["trained_model"]["config"] == expected  # the job's default: every field
+        set_launchpad_config(page, "")
+        page.get_by_role("button", name="Scaffold all default config").click()
+        page.get_by_role("button", name="Confirm").click()
+        scaffolded = launchpad_ops(page)["trained_model"]["config"]
+        assert scaffolded["steps"] == defaults.steps
+        assert scaffolded["batch_size"] == defaults.batch_size
+        assert scaffolded["data"]["patch_size"] == defaults.data.patch_size
+        assert scaffolded == expected
+        # Tall enough for the whole trained_model section, beside the help panel's types and descriptions.
+        page.set_viewport_size({"width": 1600, "height": 1800})
+        put_cursor_on(page, "steps:")
+        page.wait_for_timeout(500)  # the help panel follows the cursor
+        page.screenshot(path=tmp_path / "launchpad_train_cpu.png")
+    update_readme_screenshots({tmp_path / "launchpad_train_cpu.png": "launchpad_train_cpu.png"})
+
+
 def test_sample_pipeline_from_the_ui(dagster_dev: DagsterDevServer, tmp_path: Path) -> None:
     chromium = ensure_chromium_installed()
     screenshots = tmp_path / "screenshots"
@@ -138,6 +194,7 @@ def test_sample_pipeline_from_the_ui(dagster_dev: DagsterDevServer, tmp_path: Pa
         assert wait_for_run_outcome(page, timeout_s=120) == "Success"
 
         page.goto(f"{dagster_dev.url}/locations/{LOCATION}/jobs/sample_pipeline/playground", wait_until="networkidle")
+        assert launchpad_ops(page) == yaml.safe_load(SAMPLE_RUN_YAML.read_text())["ops"]
         set_launchpad_config(page, TINY_RUN_CONFIG)
         page.screenshot(path=screenshots / "01_launchpad.png")
         page.get_by_role("button", name=re.compile("Launch Run")).click()
@@ -168,11 +225,18 @@ def test_sample_pipeline_from_the_ui(dagster_dev: DagsterDevServer, tmp_path: Pa
         data_versions = metadata_row(page, metadata, "data_versions").inner_text()
         for dataset_id in ("kampala_buildings", "quebec_buildings"):
             assert dataset_content_hash(SAMPLE_EXTRACTED_ROOT / dataset_id) in data_versions, dataset_id
-        metadata_row(page, metadata, "evaluation_picture").get_by_text("Show Markdown").click()
-        picture = page.get_by_role("dialog").locator("img").first
-        picture.wait_for()
-        page.screenshot(path=screenshots / "05_evaluation_picture.png")
-        assert picture.evaluate("(img) => img.complete && img.naturalWidth > 100")
 
-    if os.environ.get("SEGPIPE_UPDATE_README_SCREENSHOT") == "1":  # a test run leaves the checkout alone
-        shutil.copy(screenshots / "03_lineage.png", LINEAGE_SCREENSHOT)
+        page.goto(f"{dagster_dev.url}/assets/iou_evaluation?view=events", wait_until="networkidle")
+        evaluation = page.locator("table").filter(has_text="val_miou").first
+        evaluation.wait_for()
+        page.screenshot(path=screenshots / "05_iou_evaluation.png", full_page=True)
+        assert re.search(r"val_miou\s+0\.\d+", evaluation.inner_text())
+        for method in ("model", "untrained_model", "kmeans_rgb", "constant"):  # the model beside its controls
+            assert metadata_row(page, evaluation, "controls").get_by_text(method, exact=True).count(), method
+
+    update_readme_screenshots(
+        {
+            screenshots / "03_lineage.png": "lineage_graph.png",
+            screenshots / "05_iou_evaluation.png": "iou_evaluation.png",
+        }
+    )

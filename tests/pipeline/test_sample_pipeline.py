@@ -10,8 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets.export import runtime_artifact
-from assets.lineage import require_materialization
+from assets.lineage import RUNTIME_ARTIFACT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_DATASETS = sorted(p.name for p in (REPO_ROOT / "sample_data" / "extracted").iterdir() if p.is_dir())
@@ -72,13 +71,21 @@ def test_bin_run_sample_materializes_the_whole_graph_and_the_artifact_checks_out
     assert meta["lineage"]["runs"]["training"] == meta["lineage"]["runs"]["evaluation"]  # one run did it all
     assert (tmp_path / "work" / "artifacts" / "best" / "model.npz").is_file()
 
-    # What a user browses on the artifact's page: mIoU, data versions, the evaluation picture, run ids.
+    # Each dataset's header and shards have their own content-derived data version, not the run's.
+    for stage in ("dataset_header", "processed_shards"):
+        versions = meta["lineage"]["asset_data_versions"][stage]
+        assert versions.keys() == set(SAMPLE_DATASETS) and len(set(versions.values())) == len(SAMPLE_DATASETS)
+        assert meta["lineage"]["runs"]["training"] not in versions.values()
+
+    # What a user browses on the artifact's page: mIoU, data versions, run links; no picture copied into it.
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        metadata = require_materialization(instance, runtime_artifact.key)["metadata"]
-    assert metadata["val_miou"] == meta["metrics"]["val_miou"]
-    assert metadata["data_versions"] == summary["data_versions"]
-    assert "data:image/png;base64," in metadata["evaluation_picture"]
-    assert metadata["lineage"]["runs"]["shards"].keys() == set(SAMPLE_DATASETS)
+        (record,) = instance.fetch_materializations(RUNTIME_ARTIFACT, limit=1).records
+    metadata = record.asset_materialization.metadata
+    assert metadata["val_miou"].value == meta["metrics"]["val_miou"]
+    assert metadata["data_versions"].value == summary["data_versions"]
+    assert metadata["training_run"] == dg.MetadataValue.dagster_run(meta["lineage"]["runs"]["training"])
+    assert "evaluation_picture" not in metadata
+    assert metadata["lineage"].value["runs"]["shards"].keys() == set(SAMPLE_DATASETS)
 
     # The same lineage reached through GraphQL, walking upstream from the artifact.
     env_for_code_server = {"SEGPIPE_WORK_ROOT": str(tmp_path / "work")}

@@ -13,7 +13,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from runtime_export.export import export_model
-from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, valid_cells
+from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, encoder_input, valid_cells
 from runtime_export.runtime import STRIDE, RuntimeModel, load_runtime_model, soft_kmeans
 from runtime_export.segment import (
     DEFAULT_NODATA_LABEL,
@@ -92,10 +92,10 @@ def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np
         width, height = reader.width, reader.height
         tiles = list(tile_windows(width, height, tile_size, STRIDE * (ENCODER_REACH_CELLS + model.smooth_iters + 2)))
         step = max(1, math.ceil(math.sqrt(math.prod(cell_grid(height, width)) / DEFAULT_MAX_FIT_CELLS)))
-        fill = np.rint(model.mean.ravel() * model.input_divisor).astype(np.uint8)
         keys, embeddings, seeds = [], [], []
         for tile in tiles:
-            rgb, valid = _read_tile(reader, tile.read, fill)
+            rgb, valid = reader.read(tile.read)
+            rgb = encoder_input(model, rgb, valid)
             h, w = rgb.shape[1] // STRIDE, rgb.shape[2] // STRIDE
             rs, cs = _core_cells(tile)
             cell_r = np.arange(h)[rs] + tile.read.row_off // STRIDE  # global cell coordinates
@@ -113,8 +113,8 @@ def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np
         _, prototypes = soft_kmeans(*fit, model.cluster_iters, model.temperature)
         labels = np.empty((height, width), np.uint8)
         for tile in tiles:
-            rgb, valid = _read_tile(reader, tile.read, fill)
-            embedding = model.embed(rgb)
+            rgb, valid = reader.read(tile.read)
+            embedding = model.embed(encoder_input(model, rgb, valid))
             tile_labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
             y, x = tile.core.row_off - tile.read.row_off, tile.core.col_off - tile.read.col_off
             core = (slice(y, y + tile.core.height), slice(x, x + tile.core.width))
@@ -155,16 +155,15 @@ def test_spilled_cells_are_a_fresh_encode_whatever_the_tiling(
     path = rasters["mosaic"]
     with InputReader(path, choose_input_rule(model.meta, path)[0]) as reader:
         width, height, grid = reader.width, reader.height, cell_grid(reader.height, reader.width)
-        fill = np.rint(model.mean.ravel() * model.input_divisor).astype(np.uint8)
-        whole = model.embed(_read_tile(reader, Window(0, 0, width, height), fill)[0])
+        whole = model.embed(_read_tile(model, reader, Window(0, 0, width, height))[0])
         expected = whole.embeddings.reshape(*grid, -1)
         for tile_size in (384, 512):
             tiles = list(tile_windows(width, height, tile_size, margin_pixels(model.smooth_iters)))
             with EmbeddingSpill(tmp_path / f"cells-{tile_size}.f32", grid, expected.shape[-1]) as spill:
-                fit_raster_prototypes(model, reader, 4, tiles, fill, 1, spill)
+                fit_raster_prototypes(model, reader, 4, tiles, 1, spill)
                 np.testing.assert_array_equal(spill.read(slice(0, grid[0]), slice(0, grid[1])), expected)
                 for tile in tiles:
-                    fresh = model.embed(_read_tile(reader, tile.read, fill)[0])
+                    fresh = model.embed(_read_tile(model, reader, tile.read)[0])
                     rows, cols = _core_cells(tile)
                     r0, c0 = tile.core.row_off // STRIDE, tile.core.col_off // STRIDE
                     spilled = spill.read(slice(r0, r0 + rows.stop - rows.start), slice(c0, c0 + cols.stop - cols.start))

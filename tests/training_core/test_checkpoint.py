@@ -11,8 +11,10 @@ import torch
 
 from training_core.checkpoint import (
     LAST_NAME,
+    DamagedCheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    load_latest_checkpoint,
     model_from_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -100,3 +102,35 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     torch.save({"model": {}, "step": 1}, partial)
     with pytest.raises(ValueError, match=r"partial\.pt lacks the keys \['config', 'losses', 'optimizer', 'rng'\]"):
         load_checkpoint(partial)
+
+
+def test_unreadable_checkpoint_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / LAST_NAME
+    _save(path, _tiny_config())
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short by a crash or a full disk
+    with pytest.raises(DamagedCheckpointError, match=r"last\.pt is unreadable \(truncated") as raised:
+        load_checkpoint(path)
+    assert "\n" not in str(raised.value)
+    torch.save(torch.zeros(2), path)
+    with pytest.raises(DamagedCheckpointError, match="holds a Tensor, not a checkpoint dict"):
+        load_checkpoint(path)
+
+
+def test_damaged_last_falls_back_to_the_newest_intact_step(tmp_path: Path) -> None:
+    assert load_latest_checkpoint(tmp_path) is None
+    config = _tiny_config()
+    for name in (step_checkpoint_name(5), step_checkpoint_name(12), LAST_NAME):
+        _save(tmp_path / name, config)
+    path, checkpoint = load_latest_checkpoint(tmp_path)
+    assert path == tmp_path / LAST_NAME and checkpoint["step"] == 7
+    (tmp_path / LAST_NAME).write_bytes(b"")
+    (tmp_path / step_checkpoint_name(12)).write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning) as warned:
+        path, checkpoint = load_latest_checkpoint(tmp_path)
+    assert path == tmp_path / step_checkpoint_name(5)
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2 and all(message.endswith(f"resuming from {path} instead") for message in messages)
+    assert str(tmp_path / LAST_NAME) in messages[0] and str(tmp_path / step_checkpoint_name(12)) in messages[1]
+    (tmp_path / step_checkpoint_name(5)).write_bytes(b"")
+    with pytest.raises(DamagedCheckpointError, match=f"no intact checkpoint in {tmp_path}"):
+        load_latest_checkpoint(tmp_path)

@@ -1,4 +1,4 @@
-"""Training loop: learning on real tiles, exact resume, checkpoints, SIGTERM, NaN stop, CLI."""
+"""Training loop: learning on real tiles, exact resume, checkpoints, SIGTERM, NaN stop, safe resume, CLI."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from training_core.checkpoint import LAST_NAME, load_checkpoint, step_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.device import device_policy
 from training_core.model import SegmentationModel
-from training_core.train import StepPlan, step_losses, train, view_generator
+from training_core.train import ConfigMismatchError, StepPlan, step_losses, train, view_generator
 
 REPO = Path(__file__).resolve().parents[2]
 KAMPALA = REPO / "sample_data" / "extracted" / "kampala_buildings" / "images"
@@ -114,14 +114,15 @@ ANY = _Any()
 def test_checkpoints_log_and_progress(tmp_path: Path) -> None:
     seen: list[dict] = []
     result = train(_tiny_config(steps=7), tmp_path, resume=False, progress=seen.append)
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("events.out.tfevents."))
     assert names == [LAST_NAME, "step-000003.pt", "step-000006.pt", "step-000007.pt", "train_log.jsonl"]
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1  # TensorBoard (test_tensorboard.py)
     assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 7
     rows = _log(result.log_path)
     assert [row["step"] for row in rows] == list(range(1, 8))
     assert all(2 <= row["k"] <= 4 and row["downsample"] in (1, 2) for row in rows)
     assert [record["step"] for record in seen] == [2, 4, 6, 7]
-    assert {"total", "consistency", "images_per_s", "eta_s"} <= set(seen[0])
+    assert {"total", "consistency", "lr", "images_per_s", "eta_s"} <= set(seen[0])
     assert result.final_losses == {key: rows[-1][key] for key in result.final_losses}
     assert (result.device, result.amp, result.interrupted) == ("cpu", False, False)
     with pytest.raises(FileExistsError, match="already holds last.pt"):
@@ -176,6 +177,8 @@ def test_cli_runs_the_users_command(tmp_path: Path) -> None:
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["checkpoint_path"].endswith("step-000002.pt")
     assert load_checkpoint(ckpt / LAST_NAME)["config"]["seed"] == 3
+    # Progress is one line per log interval on stderr (no terminal bar).
+    assert [line.split()[:2] for line in done.stderr.splitlines()] == [["step", "2/2"]]
 
 
 def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path: Path) -> None:
@@ -221,3 +224,80 @@ def test_shards_of_several_datasets_train_and_resume_exactly(tmp_path: Path) -> 
     a, b = (load_checkpoint(result.checkpoint_path)["model"] for result in (straight, resumed))
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_refuses_another_config_unless_overridden(tmp_path: Path) -> None:
+    train(_tiny_config(steps=4), tmp_path, resume=False, stop_after_steps=2)
+    changed = _tiny_config(
+        steps=6,  # run length, logging, checkpointing and loader knobs may change on resume
+        log_every=1,
+        checkpoint_every=5,
+        seed=1,
+        lr=2e-3,
+        data=DataConfig(source="synthetic", patch_size=32, synthetic_items=8, num_workers=0, cache_mode="lru"),
+    )
+    expected = (
+        rf"{tmp_path / LAST_NAME} was trained under another config: data\.synthetic_items \(6 in the checkpoint, "
+        r"8 now\), lr \(0\.001 in the checkpoint, 0\.002 now\), seed \(42 in the checkpoint, 1 now\)\. Resume"
+    )
+    with pytest.raises(ConfigMismatchError, match=expected):
+        train(changed, tmp_path, resume=True)
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 2, "a refused resume writes nothing"
+
+    with pytest.warns(UserWarning, match=r"resuming .*last\.pt under a changed config: data\.synthetic_items"):
+        result = train(changed, tmp_path, resume=True, override_config=True)
+    assert result.steps == 6
+    assert load_checkpoint(tmp_path / LAST_NAME)["config"] == changed.model_dump(mode="json")
+    rows = _log(result.log_path)
+    assert [row["step"] for row in rows] == [1, 2, 2, 3, 4, 5, 6]
+    assert rows[2] == {
+        "step": 2,
+        "event": "config_override",
+        "checkpoint": str(tmp_path / LAST_NAME),
+        "changed": {
+            "data.synthetic_items": {"checkpoint": 6, "now": 8},
+            "lr": {"checkpoint": 1e-3, "now": 2e-3},
+            "seed": {"checkpoint": 42, "now": 1},
+        },
+    }
+    # The override is now the checkpoint's config: resuming under it again needs no override.
+    assert train(changed.model_copy(update={"steps": 7}), tmp_path, resume=True).steps == 7
+
+
+def test_damaged_last_checkpoint_resumes_from_the_newest_intact_step(tmp_path: Path) -> None:
+    config = _tiny_config(steps=7)
+    straight = train(config, tmp_path / "straight", resume=False)
+    ckpt = tmp_path / "damaged"
+    train(config, ckpt, resume=False, stop_after_steps=4)  # step-3, step-4 and last (= step 4)
+    for name in (LAST_NAME, step_checkpoint_name(4)):
+        (ckpt / name).write_bytes((ckpt / name).read_bytes()[:2000])  # cut short by a crash
+    with pytest.warns(RuntimeWarning) as warned:
+        resumed = train(config, ckpt, resume=True)
+    messages = [str(w.message) for w in warned if issubclass(w.category, RuntimeWarning)]
+    fallback = ckpt / step_checkpoint_name(3)
+    assert len(messages) == 2
+    for message, name in zip(messages, (LAST_NAME, step_checkpoint_name(4)), strict=True):
+        assert message.startswith(f"checkpoint {ckpt / name} is unreadable (truncated or not a checkpoint): ")
+        assert message.endswith(f"; resuming from {fallback} instead")
+    assert resumed.steps == 7 and [row["step"] for row in _log(resumed.log_path)] == list(range(1, 8))
+    a, b = (load_checkpoint(result.checkpoint_path)["model"] for result in (straight, resumed))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_cli_resume_names_the_changed_fields_then_overrides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = tmp_path / "ckpt"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {embed_dim: 8, max_k: 4}\nbatch_size: 2\ndata: {patch_size: 32, synthetic_items: 4}\n")
+    args = ["--device", "cpu", "--config", str(config), "--checkpoint_dir", str(ckpt), "--log-every", "1"]
+    assert train_module.main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert train_module.main([*args, "--steps", "2", "--resume", "--seed", "5", "--data-source", "geo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "data.source ('synthetic' in the checkpoint, 'geo' now), seed (42 in the checkpoint, 5 now)" in err
+    assert "--override-config" in err
+    with pytest.warns(UserWarning, match=r"under a changed config: seed \(42 in the checkpoint, 5 now\)"):
+        assert train_module.main([*args, "--steps", "2", "--resume", "--seed", "5", "--override-config"]) == 0
+    assert load_checkpoint(ckpt / LAST_NAME)["config"]["seed"] == 5
+    assert _log(ckpt / "train_log.jsonl")[1]["changed"] == {"seed": {"checkpoint": 42, "now": 5}}

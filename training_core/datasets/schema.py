@@ -50,6 +50,7 @@ class Modality(_Strict):
     nodata: float | None = Field(None, description="used (and written to tiles) where a file has no nodata of its own")
     georef_required: bool = False
     label_values: list[int] | None = Field(None, description="values allowed in targets (found when inferred)")
+    label_names: dict[int, str] | None = Field(None, description="targets: class value -> name shown in reports")
     crs: list[str] | None = Field(None, description="CRSs allowed (found when inferred); none = any")
     bands: list[Annotated[int, Field(ge=1)]] | None = Field(
         None, min_length=3, max_length=3, description="inputs: source bands read as R, G, B (1-based); none = 1, 2, 3"
@@ -72,9 +73,14 @@ class Modality(_Strict):
         if self.role == "target":
             if self.bands is not None or self.alpha_band is not None or self.value_range is not None:
                 raise ValueError(f"modality {self.name!r}: bands, alpha_band and value_range are for inputs only")
+            unknown = sorted(set(self.label_names or {}) - set(self.label_values)) if self.label_values else []
+            if unknown:
+                raise ValueError(f"modality {self.name!r}: label_names names {unknown}, not in label_values")
             if self.channels not in (None, 1):
                 raise ValueError(f"modality {self.name!r}: channels must be 1 for a target, got {self.channels}")
             return self
+        if self.label_names is not None:
+            raise ValueError(f"modality {self.name!r}: label_names are for targets only")
         try:
             rule = self.pixel_rule()
         except ValueError as exc:
