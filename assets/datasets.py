@@ -63,6 +63,7 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> It
         # The raw version is in the header's version because processed_shards depends on the header alone:
         # edited pixels under an unchanged header must still make the shards stale.
         version = content_version({"header": header_hash(header), "raw_data_version": raw_version})
+        resolution = header.input.ground_resolution_m
         metadata = {
             "header_path": dg.MetadataValue.path(str(header_path)),
             "header_hash": header_hash(header),
@@ -71,6 +72,8 @@ def dataset_header(context: dg.AssetExecutionContext, paths: ProjectPaths) -> It
             "pixel_rule": dg.MetadataValue.json({"dtype": header.input.dtype, **header.pixel_rule.to_dict()}),
             "label_values": sorted({v for modality in header.modalities for v in modality.label_values or []}),
             "crs": sorted({crs for modality in header.modalities for crs in modality.crs or []}),
+            "ground_resolution_m": None if resolution is None else list(resolution),
+            "licence": header.licence,
             "header": dg.MetadataValue.md(f"```yaml\n{header_to_yaml(header)}```"),
             "elapsed_s": round(time.perf_counter() - started, 3),
         }

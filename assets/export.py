@@ -28,7 +28,7 @@ from assets.lineage import (
 )
 from assets.resources import ProjectPaths
 from assets.training import trained_model
-from runtime_export.export import export_artifact, input_rules_of, promote_if_better
+from runtime_export.export import export_artifact, input_rules_of, promote_if_better, training_data_of
 from runtime_export.parity import runtime_parity
 from runtime_export.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
 from training_core.datasets.rasters import read_item
@@ -68,6 +68,7 @@ def runtime_artifact(context: dg.AssetExecutionContext, paths: ProjectPaths) -> 
         lineage,
         summary["metrics"],
         input_rules_of(paths.processed_root, lineage["datasets"]),
+        training_data_of(paths.processed_root, lineage["datasets"]),
     )
     meta = json.loads((out_dir / META_FILENAME).read_text())
     context.log.info(f"exported {out_dir} (val mIoU {summary['metrics'].get('val_miou')})")

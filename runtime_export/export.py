@@ -1,8 +1,8 @@
 """Torch -> numpy export: a checkpoint becomes an artifact directory the numpy runtime loads.
 
 Artifact directory: ``model.npz`` (plain float32 arrays, batch norm folded into the convs),
-``meta.json`` (runtime version, the model fields, the input pixel rules, lineage) and
-``metrics.json``. Directories are written aside (with ordinary permissions: the plugin and other
+``meta.json`` (runtime version, the model fields, the input pixel rules, what the training data was, lineage)
+and ``metrics.json``. Directories are written aside (with ordinary permissions: the plugin and other
 users read them) and renamed into place, so a reader never sees half an artifact. ``model/best`` is
 a symlink swapped with one ``os.replace``, so promotion is atomic too.
 
@@ -104,9 +104,13 @@ def runtime_meta(
     lineage: dict[str, Any],
     metrics: dict[str, Any],
     input_rules: Mapping[str, Mapping[str, Any]],
+    training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``meta.json``: what the runtime needs to run the arrays, plus where they came from."""
+    """``meta.json``: what the runtime needs to run the arrays, plus what the model was trained for and where it
+    came from. ``k_range``, ``ground_resolution_m`` and ``training_data`` (``training_data_of``) are for the user
+    (a QGIS plugin can show them); the runtime ignores them, so they need no new runtime version."""
     model = config.model
+    training_data = {dataset_id: dict(entry) for dataset_id, entry in sorted((training_data or {}).items())}
     return {
         "runtime_version": RUNTIME_VERSION,
         "max_k": model.max_k,
@@ -123,6 +127,9 @@ def runtime_meta(
         "stride": STRIDE,
         "supports_learned_refine": model.smoothing == "learned",
         "input_rules": {dataset_id: dict(rule) for dataset_id, rule in sorted(input_rules.items())},
+        "k_range": [config.k_min, model.max_k],  # K drawn per training step; the runtime runs 2..max_k
+        "ground_resolution_m": _overall_range(entry["ground_resolution_m"] for entry in training_data.values()),
+        "training_data": training_data,
         "lineage": {
             **lineage,
             "config_hash": config_hash(config),
@@ -130,6 +137,12 @@ def runtime_meta(
         },
         "metrics": metrics,
     }
+
+
+def _overall_range(ranges: Iterable[Sequence[float] | None]) -> list[float] | None:
+    """[min, max] over the known [min, max] ranges; None when none is known."""
+    known = [bounds for bounds in ranges if bounds is not None]
+    return [min(lo for lo, _ in known), max(hi for _, hi in known)] if known else None
 
 
 def config_hash(config: TrainConfig) -> str:
@@ -177,6 +190,25 @@ def input_rules_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> di
     return rules
 
 
+def training_data_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``meta.json``'s ``training_data`` for built datasets: ``{id: {"licence", "ground_resolution_m", "crs"}}``
+    from each dataset's header (``<processed_root>/<id>/dataset_header.yaml``); null where the header has none.
+
+    What a user needs to judge whether their imagery is like the training data and how they may use the model;
+    the same dataset's bands and scaling are its ``input_rules`` entry.
+    """
+    data: dict[str, dict[str, Any]] = {}
+    for dataset_id in sorted(set(dataset_ids)):
+        header = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME)
+        resolution = header.input.ground_resolution_m
+        data[dataset_id] = {
+            "licence": header.licence,
+            "ground_resolution_m": None if resolution is None else list(resolution),
+            "crs": header.input.crs,
+        }
+    return data
+
+
 def _built_input_dtype(processed_root: str | Path, dataset_id: str) -> str:
     for split in SPLITS:
         for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
@@ -192,15 +224,17 @@ def export_model(
     lineage: dict[str, Any],
     metrics: dict[str, Any],
     input_rules: Mapping[str, Mapping[str, Any]] | None = None,
+    training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write the artifact for ``model`` to ``out_dir`` atomically (replacing what was there); returns ``out_dir``.
 
     ``input_rules`` (``input_rules_of``) are the pixel rules of the datasets the model was trained and
     evaluated on; none (synthetic training) leaves segmentation to the files' own band layout.
+    ``training_data`` (``training_data_of``) describes the same datasets: licence, ground resolution, CRSs.
     """
     out_dir = Path(out_dir)
     arrays = runtime_arrays(model.eval())
-    meta = runtime_meta(config, lineage, metrics, input_rules or {})
+    meta = runtime_meta(config, lineage, metrics, input_rules or {}, training_data)
     staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         with open(staging / MODEL_FILENAME, "wb") as handle:
@@ -221,11 +255,13 @@ def export_artifact(
     lineage: dict[str, Any],
     metrics: dict[str, Any],
     input_rules: Mapping[str, Mapping[str, Any]] | None = None,
+    training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Export a training checkpoint; lineage gains the checkpoint's step besides config hash and code version."""
     model, config = model_from_checkpoint(checkpoint_path)
     step = int(load_checkpoint(checkpoint_path)["step"])
-    return export_model(model, config, out_dir, {**lineage, "checkpoint_step": step}, metrics, input_rules)
+    lineage = {**lineage, "checkpoint_step": step}
+    return export_model(model, config, out_dir, lineage, metrics, input_rules, training_data)
 
 
 def parity_tiles(processed_root: str | Path, dataset_ids: Iterable[str]) -> list[np.ndarray]:
@@ -275,6 +311,7 @@ def export_checkpoint(
         raise ValueError(f"processed root {root} does not exist here: pass --processed-root where the shards are")
     rule_ids = list(dataset_ids) or trained_on or (processed_dataset_ids(root) if root is not None else [])
     rules = input_rules_of(root, rule_ids) if rule_ids else {}
+    training_data = training_data_of(root, rule_ids) if rule_ids else {}
     tiles = (
         parity_tiles(root, rule_ids)
         if rules
@@ -284,7 +321,7 @@ def export_checkpoint(
     metrics = {PROMOTION_METRIC: None, "train_final_losses": state["losses"]}
     staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.check-")
     try:
-        candidate = export_artifact(checkpoint, staging / out_dir.name, lineage, metrics, rules)
+        candidate = export_artifact(checkpoint, staging / out_dir.name, lineage, metrics, rules, training_data)
         parity = runtime_parity(candidate, checkpoint, tiles, PARITY_KS)
         if not parity["passed"]:
             raise ValueError(

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from runtime_export.runtime import STRIDE, Embedding, RuntimeModel, soft_kmeans
+from .runtime import STRIDE, Embedding, RuntimeModel, soft_kmeans
 
 DEFAULT_MAX_FIT_CELLS = 65_536
 

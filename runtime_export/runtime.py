@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from training_core.datasets.pixels import PixelRule
+from .pixels import PixelRule
 
 RUNTIME_VERSION = "segpipe-numpy-runtime/3"  # 3: input_rules (multi-band and non-uint8 inputs)
 MODEL_FILENAME = "model.npz"
@@ -73,6 +74,21 @@ _CONV_NAMES = (
     "encoder.res2.conv1",
     "encoder.res2.conv2",
 )
+
+
+# Every matrix product of the runtime goes through this one function (``use_matmul``).
+_matmul: Callable[..., np.ndarray] = np.matmul
+
+
+def use_matmul(matmul: Callable[..., np.ndarray]) -> None:
+    """Route the runtime's matrix products through ``matmul`` (``np.matmul``'s signature: ``a, b, out=None``).
+
+    For hosts whose process resolves numpy's CBLAS calls to a slow reference CBLAS: QGIS on Debian links
+    GSL's ``libgslcblas`` ahead of numpy's BLAS, and the QGIS plugin passes a direct OpenBLAS call (the
+    same ``sgemm`` numpy would make, so the same numbers, 4x faster there).
+    """
+    global _matmul
+    _matmul = matmul
 
 
 class ArtifactError(ValueError):
@@ -158,13 +174,13 @@ class RuntimeModel:
         feat = self._residual("encoder.res2", feat)
         h, w, d = feat.shape
         flat = feat.reshape(h * w, d)
-        seed_logits = flat @ self.seed_weight
+        seed_logits = _matmul(flat, self.seed_weight)
         seed_logits += self.seed_bias
         norm = np.sqrt(np.einsum("nd,nd->n", flat, flat))
         embeddings = flat / np.maximum(norm, np.float32(NORM_EPS))[:, None]
         if self.colour_projection is not None:
             colour = _avg_pool_ceil(hwc, STRIDE).reshape(h * w, 3)
-            embeddings = np.concatenate([embeddings, colour @ self.colour_projection.T], axis=1)
+            embeddings = np.concatenate([embeddings, _matmul(colour, self.colour_projection.T)], axis=1)
         return Embedding(embeddings=embeddings, seed_logits=seed_logits, grid=(h, w), size=(height, width))
 
     def _conv(self, name: str, x: np.ndarray, stride: int) -> np.ndarray:
@@ -391,7 +407,7 @@ def conv3x3(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
     rows = max(1, CONV_CHUNK_PIXELS // out_w)
     for row in range(0, out_h, rows):
         cols = windows[row : row + rows].reshape(-1, 9 * channels)  # the im2col copy of one band
-        np.matmul(cols, weight, out=out[row : row + rows].reshape(-1, weight.shape[1]))
+        _matmul(cols, weight, out=out[row : row + rows].reshape(-1, weight.shape[1]))
     return out
 
 
@@ -441,11 +457,12 @@ def _weighted_means(assign: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
     # float64 mass: numpy's column sums are sequential while torch's are pairwise; the wider
     # accumulator keeps us as close to torch as torch is to the exact sum.
     mass = np.maximum(assign.sum(axis=0, dtype=np.float64), MASS_EPS).astype(np.float32)
-    return (assign.T @ embeddings) / mass[:, None]
+    return _matmul(assign.T, embeddings) / mass[:, None]
 
 
 def _assign(embeddings: np.ndarray, sq_norm: np.ndarray, prototypes: np.ndarray, temperature: np.float32) -> np.ndarray:
-    dist = sq_norm - np.float32(2.0) * (embeddings @ prototypes.T) + (prototypes * prototypes).sum(axis=1)[None, :]
+    proto_sq_norm = (prototypes * prototypes).sum(axis=1)[None, :]
+    dist = sq_norm - np.float32(2.0) * _matmul(embeddings, prototypes.T) + proto_sq_norm
     return _softmax(-dist / temperature)
 
 

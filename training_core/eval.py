@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from runtime_export.export import runtime_arrays, runtime_meta
+from runtime_export.pixels import PixelRule
 from runtime_export.prototypes import (
     DEFAULT_MAX_FIT_CELLS,
     PrototypeSample,
@@ -54,7 +55,6 @@ from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig, TrainConfig
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.pixels import PixelRule
 from training_core.datasets.rasters import open_raster, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.metrics import (

@@ -45,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "labeled": sum(item.labeled for item in scan.items),
                 "label_values": scan.label_values,
                 "crs": scan.crs,
+                "ground_resolution_m": header.input.ground_resolution_m,
+                "licence": header.licence,
                 "header_hash": header_hash(header),
             }
             if args.dry_run:

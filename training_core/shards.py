@@ -62,6 +62,7 @@ from training_core.datasets.scan import (
     check_consistency,
     check_label_values,
     complete_header,
+    describe_data,
     inferred_value_sample,
     layout_header,
     load_committed_header,
@@ -392,6 +393,7 @@ def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[Datas
     facts = pool.map(write, tasks)
     check_consistency(facts, infer)
     header = complete_header(plan.header, facts) if infer else plan.header
+    header = describe_data(header, plan.dataset_dir, facts)
     facts_of = {f.item_id: f for f in facts}
     for shard_dir, members in members_of.items():
         entries = [

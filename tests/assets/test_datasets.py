@@ -35,6 +35,9 @@ def test_dataset_header_called_directly_writes_the_header_and_its_yaml_metadata(
     assert materialization.partition == "quebec_buildings"
     assert materialization.metadata["data_version"].value == dataset_content_hash(paths.dataset_dir("quebec_buildings"))
     assert "dataset_id: quebec_buildings" in materialization.metadata["header"].value
+    assert materialization.metadata["ground_resolution_m"].value == [0.15, 0.3]
+    nrcan = "MIT repository (NRCan/geo-deep-learning); imagery licence not stated upstream"
+    assert materialization.metadata["licence"].value == header.licence == nrcan
     assert materialization.tags["dagster/code_version"] == "header-v0"
     assert isinstance(result, dg.MaterializeResult)
 

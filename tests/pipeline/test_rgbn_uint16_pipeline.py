@@ -19,6 +19,7 @@ from training_core.datasets.discovery import dataset_content_hash
 from training_core.datasets.schema import load_header
 
 DATASET_ID = "rgbn_uint16_cog"
+LICENCE = "Imagery CC-BY 4.0 (OpenAerialMap)"
 STAGES = [dataset_header, processed_shards, trained_model, iou_evaluation, runtime_artifact]
 TINY = {
     "device": "cpu",
@@ -33,6 +34,7 @@ TINY = {
 def test_uint16_rgbn_cogs_materialize_to_an_artifact_recording_their_input_rule(tmp_path: Path) -> None:
     paths = make_paths(tmp_path, tmp_path / "extracted")
     make_rgbn_uint16_cog(Path(paths.extracted_root), DATASET_ID)
+    (paths.dataset_dir(DATASET_ID) / "LICENSE").write_text(f"{LICENCE}\n")
     asset_checks = dg.load_asset_checks_from_modules([checks, evaluation, export])
     defs = dg.Definitions(
         assets=dg.load_assets_from_modules([datasets, training, evaluation, export]),
@@ -105,6 +107,11 @@ def test_uint16_rgbn_cogs_materialize_to_an_artifact_recording_their_input_rule(
     artifact = Path(artifact_event.metadata["artifact_dir"].value)
     meta = json.loads((artifact / "meta.json").read_text())
     assert meta["input_rules"] == {DATASET_ID: expected_rule}
+    kampala_pixels = [0.07464, 0.07464]  # the source tiles' EPSG:3857 pixels in ground metres
+    assert meta["training_data"] == {
+        DATASET_ID: {"licence": LICENCE, "ground_resolution_m": kampala_pixels, "crs": ["EPSG:3857"]}
+    }
+    assert meta["ground_resolution_m"] == kampala_pixels and meta["k_range"] == [2, 4]
     assert meta["lineage"]["datasets"] == [DATASET_ID]
     data_version = dataset_content_hash(paths.dataset_dir(DATASET_ID))
     assert meta["lineage"]["data_versions"] == {DATASET_ID: data_version}

@@ -12,8 +12,8 @@ import rasterio
 import torch
 
 from runtime_export.export import export_model
+from runtime_export.pixels import PixelRule
 from training_core.config import ModelConfig, TrainConfig
-from training_core.datasets.pixels import PixelRule
 from training_core.model import SegmentationModel
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import stat
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from runtime_export.export import (
     export_model,
     input_rules_of,
     promote_if_better,
+    training_data_of,
 )
 from runtime_export.parity import runtime_parity
 from runtime_export.runtime import RUNTIME_VERSION, load_runtime_model, select_input_rule
@@ -162,6 +164,36 @@ def test_input_rules_of_built_datasets(tmp_path: Path, model, learned_config) ->
     assert input_rules_of(processed, ["naip", "naip"]) == expected
     artifact = export_model(model, learned_config, tmp_path / "artifact", {}, {}, expected)
     assert select_input_rule(load_runtime_model(artifact).meta, "uint16") == header.pixel_rule
+
+
+def test_meta_describes_the_training_data(tmp_path: Path, model, learned_config, write_tif) -> None:
+    """Licence (from the dataset's LICENSE), ground resolution and CRSs of each dataset, their overall
+    resolution range and the K range: extras the runtime loads past."""
+    rng = np.random.default_rng(0)
+    for dataset_id in ("ten", "plain"):
+        for name in ("a", "b"):
+            pixels = rng.integers(0, 256, (3, 32, 32), dtype=np.uint8)
+            write_tif(tmp_path / "extracted" / dataset_id / "images" / f"{name}.tif", pixels)
+    (tmp_path / "extracted" / "ten" / "LICENSE").write_text("CC-BY 4.0, (c) the makers\n")
+    processed = tmp_path / "processed"
+    for dataset_id in ("ten", "plain"):
+        build_shards(tmp_path / "extracted", processed, dataset_id, workers=1)
+    # write_tif's 10 m EPSG:3857 pixels lie at 33.8 N, where a Web Mercator metre is cos(33.8) ground metres.
+    ground = round(10 * math.cos(math.radians(33.7852)), 3)
+    training_data = training_data_of(processed, ["ten", "plain"])
+    assert training_data == {
+        "plain": {"licence": None, "ground_resolution_m": [ground, ground], "crs": ["EPSG:3857"]},
+        "ten": {"licence": "CC-BY 4.0, (c) the makers", "ground_resolution_m": [ground, ground], "crs": ["EPSG:3857"]},
+    }
+    rules = input_rules_of(processed, ["ten", "plain"])
+    artifact = export_model(model, learned_config, tmp_path / "artifact", {}, {}, rules, training_data)
+    meta = load_runtime_model(artifact).meta
+    assert meta["training_data"] == training_data and meta["input_rules"] == rules
+    assert meta["ground_resolution_m"] == [ground, ground]
+    assert meta["k_range"] == [learned_config.k_min, learned_config.model.max_k] == [2, 16]
+    # Without datasets (synthetic training) the extras are there, empty.
+    bare = json.loads((export_model(model, learned_config, tmp_path / "bare", {}, {}) / "meta.json").read_text())
+    assert (bare["training_data"], bare["ground_resolution_m"], bare["k_range"]) == ({}, None, [2, 16])
 
 
 def test_artifacts_have_ordinary_permissions(tmp_path: Path, model, learned_config, umask_022) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
+from runtime_export.pixels import PixelRule
 from runtime_export.runtime import (
     RUNTIME_VERSION,
     ArtifactError,
@@ -21,7 +22,6 @@ from runtime_export.runtime import (
     upsample_argmax,
 )
 from training_core.config import ModelConfig, TrainConfig
-from training_core.datasets.pixels import PixelRule
 
 from .conftest import calibrated_model
 

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -18,11 +19,13 @@ import rasterio
 from affine import Affine
 
 from runtime_export import segment as segment_module
+from runtime_export import whole_raster
 from runtime_export.export import export_model
+from runtime_export.pixels import PixelRule
 from runtime_export.runtime import load_runtime_model
-from runtime_export.segment import main, segment_raster, tile_windows
+from runtime_export.segment import main, segment_raster
+from runtime_export.whole_raster import tile_windows
 from training_core.config import ModelConfig, TrainConfig
-from training_core.datasets.pixels import PixelRule
 from training_core.model import SegmentationModel
 
 from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb
@@ -127,7 +130,7 @@ def test_failure_leaves_no_output(small_artifact: Path, tmp_path: Path, monkeypa
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(segment_module, "_assign_tile", crash)  # pass 2, the scratch file written
+    monkeypatch.setattr(whole_raster, "assign_tile", crash)  # pass 2, the scratch file written
     with pytest.raises(RuntimeError, match="disk full"):
         segment_raster(load_runtime_model(small_artifact), rgb, tmp_path / "out.tif", k=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no output, no scratch folder
@@ -229,6 +232,26 @@ def test_output_has_ordinary_permissions(small_artifact: Path, tmp_path: Path, u
     assert stat.S_IMODE(out.parent.stat().st_mode) == 0o755
 
 
+def test_output_is_paletted_with_overviews_tags_and_a_qgis_style(small_artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.tif"
+    segment_raster(load_runtime_model(small_artifact), SCENE, out, k=5)
+    meta = json.loads((small_artifact / "meta.json").read_text())
+    with rasterio.open(out) as src:
+        assert (src.colorinterp[0].name, src.nodata, src.overviews(1)) == ("palette", 255, [2])
+        colours = src.colormap(1)
+        assert len({colours[label][:3] for label in range(5)}) == 5 and colours[255][3] == 0
+        assert src.tags()["SEGPIPE_K"] == "5"
+        assert src.tags()["SEGPIPE_CONFIG_HASH"] == meta["lineage"]["config_hash"]
+        overview = src.read(1, out_shape=(359, 396))  # served from the overview: labels, never averaged
+        assert set(np.unique(overview)) == set(np.unique(src.read(1))) == {0, 1, 2, 3, 4, 255}
+    style = ElementTree.parse(tmp_path / "out.qml").getroot()
+    entries = style.findall("./pipe/rasterrenderer/colorPalette/paletteEntry")
+    assert [entry.get("label") for entry in entries] == [f"segment {label}" for label in range(5)]
+    assert [entry.get("color") for entry in entries] == [
+        "#{:02x}{:02x}{:02x}".format(*colours[i][:3]) for i in range(5)
+    ]
+
+
 def _ignore_file_size_signal() -> None:
     """Child: writes past RLIMIT_FSIZE fail with EFBIG (like a full disk) instead of killing the process."""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -243,12 +266,12 @@ def _limit_file_size() -> None:
 # Runs segment's CLI with writes past 8 KiB failing from pass 2 on: the scratch file is written, the labels fail.
 LIMIT_FROM_PASS_2 = """
 import resource, sys
-from runtime_export import segment
-assign = segment._assign_tile
+from runtime_export import segment, whole_raster
+assign = whole_raster.assign_tile
 def limited(*args):
     resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
     return assign(*args)
-segment._assign_tile = limited
+whole_raster.assign_tile = limited
 sys.exit(segment.main(sys.argv[1:]))
 """
 
@@ -274,7 +297,7 @@ def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: 
     assert errors == [child.stderr.splitlines()[-1]], child.stderr
     assert errors[0].startswith(f"error: {out}: cannot write the labels, a previous file is left as it was: ")
     assert out.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]  # no temp file, no scratch folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qml", "out.tif"]  # no temp file, no scratch folder left
 
 
 def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, tmp_path: Path) -> None:
@@ -291,7 +314,8 @@ def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, t
     assert (child.returncode, child.stdout) == (1, "")
     assert re.fullmatch(
         rf"error: {tmp_path}/\.segment-scratch-\w+/embeddings\.f32: cannot reserve 3 MB of scratch space for the "
-        r"cell embeddings \(free some, or pass --scratch-dir\): \[Errno 27\] File too large",
+        r"cell embeddings \(free some, or choose another scratch folder\): \[Errno 27\] File too large "
+        r"\(--scratch-dir\)",
         child.stderr.strip(),
     ), child.stderr
     assert out.read_bytes() == b"previous"
@@ -301,18 +325,18 @@ def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, t
 def test_scratch_file_lives_beside_the_output_until_the_end(small_artifact: Path, tmp_path: Path, monkeypatch) -> None:
     model = load_runtime_model(small_artifact)
     seen: list[tuple[Path, int]] = []
-    assign = segment_module._assign_tile
+    assign = whole_raster.assign_tile
 
     def spy(model, spill, tile, prototypes):
         seen.append((spill.path, spill.path.stat().st_size))
         return assign(model, spill, tile, prototypes)
 
-    monkeypatch.setattr(segment_module, "_assign_tile", spy)
+    monkeypatch.setattr(whole_raster, "assign_tile", spy)
     report = segment_raster(model, SCENE, tmp_path / "out.tif", k=3, tile_size=256)
     (path, size), *_ = seen
     assert path.parent.parent == tmp_path and path.parent.name.startswith(".segment-scratch-")
     assert size == report.scratch_bytes == 180 * 198 * 19 * 4  # (H/4) (W/4) D' float32, D' = 16 + 3 colours
-    assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qml", "out.tif"]
     segment_raster(model, SCENE, tmp_path / "again.tif", k=3, tile_size=256, scratch_dir=tmp_path / "scratch")
     assert seen[-1][0].parent.parent == tmp_path / "scratch"
     assert list((tmp_path / "scratch").iterdir()) == []

@@ -10,21 +10,19 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from rasterio.windows import Window
 
 from runtime_export.export import export_model
 from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, encoder_input, valid_cells
 from runtime_export.runtime import STRIDE, RuntimeModel, load_runtime_model, soft_kmeans
-from runtime_export.segment import (
+from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
+from runtime_export.whole_raster import (
     DEFAULT_NODATA_LABEL,
     ENCODER_REACH_CELLS,
     EmbeddingSpill,
-    _core_cells,
-    _read_tile,
-    choose_input_rule,
+    Window,
+    core_cells,
     fit_raster_prototypes,
     margin_pixels,
-    segment_raster,
     tile_windows,
 )
 from training_core.config import ModelConfig, TrainConfig
@@ -87,8 +85,9 @@ def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np
     """The labels ``segment`` wrote before encode-once (its code, kept as the oracle): pass 1 encodes the tiles with
     lattice cells and fits on them in raster order; pass 2 encodes every tile again (margin: receptive field +
     smoothing + 2 cells) and keeps the labels of its core."""
-    rule, _ = choose_input_rule(model.meta, path)
-    with InputReader(path, rule) as reader:
+    rule, _ = choose_file_rule(model.meta, path)
+    with InputReader(path, rule) as opened:
+        reader = RasterioSource(opened)
         width, height = reader.width, reader.height
         tiles = list(tile_windows(width, height, tile_size, STRIDE * (ENCODER_REACH_CELLS + model.smooth_iters + 2)))
         step = max(1, math.ceil(math.sqrt(math.prod(cell_grid(height, width)) / DEFAULT_MAX_FIT_CELLS)))
@@ -97,7 +96,7 @@ def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np
             rgb, valid = reader.read(tile.read)
             rgb = encoder_input(model, rgb, valid)
             h, w = rgb.shape[1] // STRIDE, rgb.shape[2] // STRIDE
-            rs, cs = _core_cells(tile)
+            rs, cs = core_cells(tile)
             cell_r = np.arange(h)[rs] + tile.read.row_off // STRIDE  # global cell coordinates
             cell_c = np.arange(w)[cs] + tile.read.col_off // STRIDE
             keep = (cell_r[:, None] % step == 0) & (cell_c[None, :] % step == 0)
@@ -119,7 +118,10 @@ def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np
             y, x = tile.core.row_off - tile.read.row_off, tile.core.col_off - tile.read.col_off
             core = (slice(y, y + tile.core.height), slice(x, x + tile.core.width))
             out = tile_labels[core] if valid is None else np.where(valid[core], tile_labels[core], DEFAULT_NODATA_LABEL)
-            labels[tile.core.toslices()] = out
+            labels[
+                tile.core.row_off : tile.core.row_off + tile.core.height,
+                tile.core.col_off : tile.core.col_off + tile.core.width,
+            ] = out
     return labels
 
 
@@ -153,9 +155,10 @@ def test_spilled_cells_are_a_fresh_encode_whatever_the_tiling(
     the core and its margin, here each tile's own and the whole raster."""
     model = load_runtime_model(artifacts["small"])
     path = rasters["mosaic"]
-    with InputReader(path, choose_input_rule(model.meta, path)[0]) as reader:
+    with InputReader(path, choose_file_rule(model.meta, path)[0]) as opened:
+        reader = RasterioSource(opened)
         width, height, grid = reader.width, reader.height, cell_grid(reader.height, reader.width)
-        whole = model.embed(_read_tile(model, reader, Window(0, 0, width, height))[0])
+        whole = model.embed(encoder_input(model, *reader.read(Window(0, 0, width, height))))
         expected = whole.embeddings.reshape(*grid, -1)
         for tile_size in (384, 512):
             tiles = list(tile_windows(width, height, tile_size, margin_pixels(model.smooth_iters)))
@@ -163,8 +166,8 @@ def test_spilled_cells_are_a_fresh_encode_whatever_the_tiling(
                 fit_raster_prototypes(model, reader, 4, tiles, 1, spill)
                 np.testing.assert_array_equal(spill.read(slice(0, grid[0]), slice(0, grid[1])), expected)
                 for tile in tiles:
-                    fresh = model.embed(_read_tile(model, reader, tile.read)[0])
-                    rows, cols = _core_cells(tile)
+                    fresh = model.embed(encoder_input(model, *reader.read(tile.read)))
+                    rows, cols = core_cells(tile)
                     r0, c0 = tile.core.row_off // STRIDE, tile.core.col_off // STRIDE
                     spilled = spill.read(slice(r0, r0 + rows.stop - rows.start), slice(c0, c0 + cols.stop - cols.start))
                     np.testing.assert_array_equal(spilled, fresh.embeddings.reshape(*fresh.grid, -1)[rows, cols])

@@ -9,6 +9,7 @@ import pytest
 import rasterio
 import torch
 
+from runtime_export.pixels import PixelRule
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch
 from training_core.data.patches import (
@@ -20,7 +21,6 @@ from training_core.data.patches import (
     find_geotiffs,
     grid_offsets,
 )
-from training_core.datasets.pixels import PixelRule
 from training_core.datasets.rasters import read_item
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"

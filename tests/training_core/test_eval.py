@@ -11,9 +11,9 @@ import rasterio
 import torch
 from affine import Affine
 
+from runtime_export.pixels import PixelRule
 from training_core.checkpoint import save_checkpoint
 from training_core.config import ModelConfig, TrainConfig
-from training_core.datasets.pixels import PixelRule
 from training_core.eval import (
     BASELINE,
     CONSTANT,

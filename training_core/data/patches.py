@@ -31,9 +31,9 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
+from runtime_export.pixels import PixelRule, infer_bands
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.pixels import PixelRule
-from training_core.datasets.rasters import Tile, infer_bands, open_raster, raster_facts, read_item
+from training_core.datasets.rasters import Tile, open_raster, raster_facts, read_item
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -11,24 +11,36 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp, MaskFlags
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
+from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
+from runtime_export.pixels import PixelRule
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.pixels import DEFAULT_BANDS, PixelRule
-from training_core.datasets.schema import Modality
+
+if TYPE_CHECKING:  # the schema needs pydantic; reading pixels (runtime_export.segment) does not
+    from training_core.datasets.schema import Modality
 
 # Pixels read per block when streaming a raster: bounds memory for rasters of any size.
 BLOCK_BYTES = 32 * 1024 * 1024
 LABEL_DTYPE_KINDS = "ui"  # targets hold integer class values
+# Metres per degree east (at the equator; times cos(latitude)) and north: a local flat earth, within about half
+# a percent, plenty for telling a user what resolution a model was trained on.
+METRES_PER_DEGREE_EAST, METRES_PER_DEGREE_NORTH = 111_320.0, 110_574.0
+# Pixel sizes are rounded so floating-point noise (0.30000000000001137) stays out of headers and data versions.
+PIXEL_SIZE_DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,7 @@ class RasterFacts:
     georeferenced: bool
     nodata: float | None
     colorinterp: tuple[str, ...] = ()
+    pixel_size_m: tuple[float, float] | None = None  # ground metres per pixel (x, y); None: not georeferenced
 
 
 @dataclass(frozen=True)
@@ -86,17 +99,46 @@ def raster_facts(src: rasterio.DatasetReader, path: Path) -> RasterFacts:
         georeferenced,
         src.nodata,
         tuple(interp.name for interp in src.colorinterp),
+        ground_pixel_size(src.crs, src.transform, src.width, src.height) if georeferenced else None,
     )
 
 
-def infer_bands(colorinterp: Sequence[str]) -> tuple[list[int], int | None]:
-    """(R, G, B band numbers, alpha band or None) from GDAL's colour interpretation; the first three bands
-    when it names no red, green and blue (e.g. NAIP's RGBN, whose bands GDAL calls gray/undefined)."""
-    where = {name: number for number, name in enumerate(colorinterp, start=1)}
-    rgb = [where.get(name.name) for name in (ColorInterp.red, ColorInterp.green, ColorInterp.blue)]
-    bands = rgb if None not in rgb else list(DEFAULT_BANDS)
-    alpha = where.get(ColorInterp.alpha.name)
-    return bands, alpha if alpha not in bands else None
+def ground_pixel_size(crs: CRS, transform: Affine, width: int, height: int) -> tuple[float, float] | None:
+    """Ground metres per pixel (x, y) at the raster's centre, to ``PIXEL_SIZE_DIGITS`` significant digits.
+
+    Projected CRSs: the pixel's sides in the CRS's linear unit, converted to metres. Mercator (EPSG:3857, the
+    web tiles) stretches by 1/cos(latitude), 2x at 60 degrees, so that stretch is taken out at the centre
+    latitude; other map projections stay within a fraction of a percent and are taken as they are. Geographic
+    CRSs: degrees at the centre latitude. None for a CRS with neither (an engineering or local CRS).
+    """
+    centre_x, centre_y = transform @ (width / 2, height / 2)
+    try:
+        if crs.is_geographic:
+            degrees = math.degrees(crs.units_factor[1])  # the CRS's angular unit in degrees
+            latitude = math.radians(centre_y * degrees)
+            east = degrees * METRES_PER_DEGREE_EAST * math.cos(latitude)
+            north = degrees * METRES_PER_DEGREE_NORTH
+        else:
+            east = north = crs.linear_units_factor[1] * _mercator_ground_scale(crs, centre_x, centre_y)
+    except CRSError:
+        return None
+    x = math.hypot(transform.a * east, transform.d * north)
+    y = math.hypot(transform.b * east, transform.e * north)
+    return float(f"{x:.{PIXEL_SIZE_DIGITS}g}"), float(f"{y:.{PIXEL_SIZE_DIGITS}g}")
+
+
+def _mercator_ground_scale(crs: CRS, x: float, y: float) -> float:
+    """Ground length of one CRS unit at (x, y) over its nominal length: cos(latitude) / k0 in a Mercator
+    projection (k0 from its standard parallel or scale factor), 1 in any other."""
+    params = crs.to_dict()
+    if params.get("proj") != "merc":
+        return 1.0
+    if "lat_ts" in params:
+        k0 = math.cos(math.radians(params["lat_ts"]))
+    else:
+        k0 = float(params.get("k", params.get("k_0", 1.0)))
+    _, (latitude,) = warp_transform(crs, "EPSG:4326", [x], [y])
+    return math.cos(math.radians(latitude)) / k0
 
 
 def check_against(facts: RasterFacts, modality: Modality) -> None:
@@ -123,6 +165,13 @@ def check_against(facts: RasterFacts, modality: Modality) -> None:
         raise DatasetError(f"{where} georef_required: the file has no CRS/geotransform")
     if modality.crs is not None and facts.crs is not None and facts.crs not in modality.crs:
         raise DatasetError(f"{where} crs: is {facts.crs}, expected one of {modality.crs}")
+    declared = modality.ground_resolution_m
+    if declared is not None and facts.pixel_size_m is not None:
+        if not all(declared[0] <= size <= declared[1] for size in facts.pixel_size_m):
+            raise DatasetError(
+                f"{where} ground_resolution_m: pixels are {facts.pixel_size_m[0]} x {facts.pixel_size_m[1]} m, "
+                f"outside {list(declared)}"
+            )
 
 
 def check_target_fits(target: RasterFacts, input_: RasterFacts) -> None:

@@ -5,6 +5,11 @@ against it. Without one, the header is inferred: modalities and patterns from th
 dtype, CRS, nodata, band selection (GDAL's colour interpretation) and, for non-uint8 inputs, the value
 range from the inputs; label values from the masks.
 
+Two fields describe the data rather than how to read it, so they are filled in either way when the header
+leaves them out, and a declared value wins: ``licence``, the first line of the dataset folder's licence
+file (``LICENCE_FILES``), and the input's ``ground_resolution_m``, the range of the inputs' ground pixel
+sizes (a declared range is checked against every input, like ``crs``).
+
 The inferred ``value_range`` is the 2nd and 98th percentile of a seeded sample of valid pixels of the
 selected bands (seed: ``splits.seed``), at most ``VALUE_SAMPLE_TOTAL`` values over the dataset. It is
 written into the header, so it is part of the data version, not a guess made again by every run.
@@ -27,16 +32,15 @@ from typing import Any, TypeVar
 import numpy as np
 import rasterio
 
+from runtime_export.pixels import PixelRule, infer_bands
 from training_core.datasets.discovery import DatasetItem, discover_items, tiff_files
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.pixels import PixelRule
 from training_core.datasets.rasters import (
     RasterFacts,
     check_against,
     check_target_fits,
     distinct_values,
     has_mask_band,
-    infer_bands,
     open_raster,
     raster_facts,
     read_blocks,
@@ -55,6 +59,9 @@ INPUT_MODALITY, TARGET_MODALITY = "rgb", "labels"
 VALUE_PERCENTILES = (2.0, 98.0)
 VALUE_SAMPLE_TOTAL = 1 << 20  # pixel values pooled over a dataset to infer its value range
 VALUE_SAMPLE_PER_ITEM = (256, 8192)  # each item's share of the pool, clamped to this range
+LICENCE_FILES = ("LICENSE", "LICENCE", "LICENSE.txt", "LICENCE.txt")  # at the dataset folder's top, first found
+LICENCE_MAX_CHARS = 200  # a one-line summary for a plugin's dialog, not the licence text
+LICENCE_READ_BYTES = 64 * 1024  # enough for a first line; a large or binary file is not read whole
 T = TypeVar("T")
 
 
@@ -331,6 +338,41 @@ def complete_header(layout: DatasetHeader, facts: Sequence[ItemFacts]) -> Datase
     return layout.model_copy(update={"modalities": modalities})
 
 
+def read_licence(dataset_dir: Path) -> str | None:
+    """The first non-empty line of the dataset folder's licence file, capped at ``LICENCE_MAX_CHARS``; None
+    without such a file or line. Any bytes are taken: undecodable ones read as U+FFFD, control
+    characters are dropped, so a stray binary file never stops an extraction."""
+    path = next((dataset_dir / name for name in LICENCE_FILES if (dataset_dir / name).is_file()), None)
+    if path is None:
+        return None
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(LICENCE_READ_BYTES).decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the licence file: {exc.strerror}") from None
+    for line in text.splitlines():
+        line = "".join(char for char in line if char.isprintable()).strip()
+        if line:
+            return line[:LICENCE_MAX_CHARS].rstrip()
+    return None
+
+
+def ground_resolution_range(facts: Sequence[ItemFacts]) -> tuple[float, float] | None:
+    """[min, max] of the georeferenced inputs' ground pixel sizes (x and y); None when none is georeferenced."""
+    sizes = [size for f in facts if f.input.pixel_size_m is not None for size in f.input.pixel_size_m]
+    return (min(sizes), max(sizes)) if sizes else None
+
+
+def describe_data(header: DatasetHeader, dataset_dir: Path, facts: Sequence[ItemFacts]) -> DatasetHeader:
+    """The header with the descriptive fields it leaves out filled: ``licence`` from the licence file, the
+    input's ``ground_resolution_m`` from the scanned files. Neither changes how pixels are read."""
+    licence = header.licence if header.licence is not None else read_licence(dataset_dir)
+    resolution = header.input.ground_resolution_m or ground_resolution_range(facts)
+    rgb = header.input.model_copy(update={"ground_resolution_m": resolution})
+    modalities = [rgb if modality.name == rgb.name else modality for modality in header.modalities]
+    return header.model_copy(update={"licence": licence, "modalities": modalities})
+
+
 def committed_header_path(dataset_dir: str | Path) -> Path | None:
     path = Path(dataset_dir) / HEADER_FILENAME
     return path if path.is_file() else None
@@ -366,7 +408,8 @@ class DatasetScan:
 
 
 def scan_dataset(dataset_dir: str | Path, dataset_id: str | None = None, workers: int | None = None) -> DatasetScan:
-    """Read every file once: validated against the committed header if there is one, else used to infer it."""
+    """Read every file once: validated against the committed header if there is one, else used to infer it;
+    either way the descriptive fields the header leaves out are filled (``describe_data``)."""
     dataset_dir = Path(dataset_dir)
     committed = load_committed_header(dataset_dir, dataset_id)
     header = committed or layout_header(dataset_dir, dataset_id)
@@ -374,9 +417,11 @@ def scan_dataset(dataset_dir: str | Path, dataset_id: str | None = None, workers
     facts = scan_items(items, header, workers, infer=committed is None)
     if committed is None:
         header = complete_header(header, facts)
+    header = describe_data(header, dataset_dir, facts)
     return DatasetScan(header, committed is not None, items, facts)
 
 
 def extract_header(dataset_dir: str | Path, dataset_id: str | None = None, workers: int | None = None) -> DatasetHeader:
-    """The committed header, once every file was validated against it; else the header inferred from the files."""
+    """The committed header, once every file was validated against it; else the header inferred from the files
+    (either with its descriptive fields filled, see ``describe_data``)."""
     return scan_dataset(dataset_dir, dataset_id, workers).header

@@ -15,9 +15,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtime_export.pixels import DEFAULT_BANDS, PixelRule
 from training_core.atomic import atomic_write_text
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.pixels import DEFAULT_BANDS, PixelRule
 
 HEADER_FILENAME = "dataset_header.yaml"
 HEADER_VERSION = 0
@@ -39,6 +39,7 @@ class Modality(_Strict):
 
     Inputs may have any number of bands (``channels``); ``bands`` says which are R, G, B and
     ``alpha_band`` which one marks valid pixels. Non-uint8 inputs need ``value_range``.
+    ``ground_resolution_m`` (inputs) is descriptive: filled from the files when a header leaves it out.
     """
 
     name: str = Field(min_length=1)
@@ -59,6 +60,13 @@ class Modality(_Strict):
     value_range: tuple[float, float] | None = Field(
         None, description="inputs: source values mapped to 0 and 255 (required for non-uint8 inputs)"
     )
+    ground_resolution_m: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        description=(
+            "inputs: [min, max] ground metres per pixel over the georeferenced inputs (rasters.ground_pixel_size), "
+            "null when none is; found when left out, checked against every input when declared"
+        ),
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -71,8 +79,11 @@ class Modality(_Strict):
     @model_validator(mode="after")
     def _input_fields(self) -> Modality:
         if self.role == "target":
-            if self.bands is not None or self.alpha_band is not None or self.value_range is not None:
-                raise ValueError(f"modality {self.name!r}: bands, alpha_band and value_range are for inputs only")
+            input_only = (self.bands, self.alpha_band, self.value_range, self.ground_resolution_m)
+            if any(value is not None for value in input_only):
+                raise ValueError(
+                    f"modality {self.name!r}: bands, alpha_band, value_range, ground_resolution_m are for inputs only"
+                )
             unknown = sorted(set(self.label_names or {}) - set(self.label_values)) if self.label_values else []
             if unknown:
                 raise ValueError(f"modality {self.name!r}: label_names names {unknown}, not in label_values")
@@ -81,6 +92,10 @@ class Modality(_Strict):
             return self
         if self.label_names is not None:
             raise ValueError(f"modality {self.name!r}: label_names are for targets only")
+        if self.ground_resolution_m is not None and self.ground_resolution_m[0] > self.ground_resolution_m[1]:
+            raise ValueError(
+                f"modality {self.name!r}: ground_resolution_m {list(self.ground_resolution_m)} is not [min, max]"
+            )
         try:
             rule = self.pixel_rule()
         except ValueError as exc:
@@ -170,6 +185,13 @@ class DatasetHeader(_Strict):
     dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: Literal[0] = Field(description="header format version")
     description: str = ""
+    licence: str | None = Field(
+        None,
+        description=(
+            "licence of the data, shown to users of models trained on it (meta.json); when left out, the first "
+            "line of the dataset folder's LICENSE, LICENCE, LICENSE.txt or LICENCE.txt"
+        ),
+    )
     source_root: str = Field(".", description="folder the patterns are relative to, relative to the dataset folder")
     modalities: list[Modality] = Field(min_length=1)
     pairing: Pairing

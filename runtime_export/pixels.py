@@ -12,7 +12,7 @@ Scaling: uint8 sources without a ``value_range`` pass through unchanged. Any oth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,3 +108,14 @@ class PixelRule:
             nodata=data.get("nodata"),
             value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
         )
+
+
+def infer_bands(colorinterp: Sequence[str]) -> tuple[list[int], int | None]:
+    """(R, G, B band numbers, alpha band or None) from the bands' GDAL colour interpretation names (any case:
+    rasterio says ``red``, GDAL ``Red``); the first three bands when they name no red, green and blue (e.g.
+    NAIP's RGBN, whose bands GDAL calls gray/undefined)."""
+    where = {name.lower(): number for number, name in enumerate(colorinterp, start=1)}
+    rgb = [where.get(name) for name in ("red", "green", "blue")]
+    bands = rgb if None not in rgb else list(DEFAULT_BANDS)
+    alpha = where.get("alpha")
+    return bands, alpha if alpha not in bands else None
