@@ -24,7 +24,7 @@ from qgis.core import (
 from . import openblas
 from .gdal_io import GdalSource, LabelWriter, colour_interpretation, open_input, raster_dtype
 from .runtime_export.runtime import load_runtime_model, use_matmul
-from .runtime_export.whole_raster import DEFAULT_NODATA_LABEL, choose_input_rule, segment_source
+from .runtime_export.whole_raster import DEFAULT_NODATA_LABEL, check_k, choose_input_rule, segment_source
 
 
 class Cancelled(Exception):
@@ -87,6 +87,8 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
                 model.meta, raster_dtype(dataset), colour_interpretation(dataset), dataset_id
             )
             source = GdalSource(input_path, dataset, rule)
+            check_k(model, k, DEFAULT_NODATA_LABEL)
+            writer = LabelWriter(output, dataset, model.meta, k, DEFAULT_NODATA_LABEL, rule)
         except (ValueError, OSError) as exc:  # the runtime's ArtifactError is a ValueError
             # The runtime names segment's command-line options; here they are parameters.
             message = " ".join(str(exc).split()).replace("pass --dataset", f"set {self.DATASET}")
@@ -99,7 +101,6 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
                 raise Cancelled
             feedback.setProgress(50.0 * (pass_number - 1) + 50.0 * done / tiles)
 
-        writer = LabelWriter(output, dataset, model.meta, k, DEFAULT_NODATA_LABEL, rule)
         try:
             stats = segment_source(model, source, k, writer.write, output.parent, progress=progress)
             feedback.pushInfo("Building overviews")

@@ -113,16 +113,22 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, l
     }
 
 
-def run_qgis_segment(profile: Path, raster: Path, model: Path, out: Path, extra: list[str]) -> None:
+def run_qgis_segment(
+    profile: Path, raster: Path, model: Path, out: Path, extra: list[str], k: int = K
+) -> subprocess.CompletedProcess:
     dataset = [f"DATASET={extra[1]}"] if extra else []
-    args = [f"INPUT={raster}", f"MODEL={model}", f"K={K}", *dataset, f"OUTPUT={out}"]
-    done = subprocess.run(
+    args = [f"INPUT={raster}", f"MODEL={model}", f"K={k}", *dataset, f"OUTPUT={out}"]
+    return subprocess.run(
         [str(QGIS_PROCESS), "run", "segpipe:segment", "--", *args],
         env=qgis_env(profile),
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def segment_in_qgis(profile: Path, raster: Path, model: Path, out: Path, extra: list[str]) -> None:
+    done = run_qgis_segment(profile, raster, model, out, extra)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "matrix products: " in done.stdout
 
@@ -145,7 +151,7 @@ def test_qgis_process_segments_as_the_cli_does(
     profile: Path, artifact: Path, rasters: dict[str, tuple[Path, list[str]]], name: str, tmp_path: Path
 ) -> None:
     raster, extra = rasters[name]
-    run_qgis_segment(profile, raster, artifact, tmp_path / "qgis.tif", extra)
+    segment_in_qgis(profile, raster, artifact, tmp_path / "qgis.tif", extra)
     run_cli_segment(QGIS_PYTHON, raster, artifact, tmp_path / "cli_qgis_python.tif", extra)
     run_cli_segment(sys.executable, raster, artifact, tmp_path / "cli.tif", extra)
     labels = read_labels(tmp_path / "qgis.tif")
@@ -168,7 +174,7 @@ def test_output_opens_in_qgis_as_k_coloured_segments(
 ) -> None:
     raster, extra = rasters["rgb_nodata_collar"]
     out = tmp_path / "segments.tif"
-    run_qgis_segment(profile, raster, artifact, out, extra)
+    segment_in_qgis(profile, raster, artifact, out, extra)
     rendered = subprocess.run(
         [str(QGIS_PYTHON), str(REPO / "qgis_plugin/render_example.py"), str(raster), str(out), str(tmp_path / "r.png")],
         env=qgis_env(profile),
@@ -201,6 +207,17 @@ def test_output_opens_in_qgis_as_k_coloured_segments(
     assert tags["SEGPIPE_K"] == str(K)
     assert tags["SEGPIPE_CONFIG_HASH"] == meta["lineage"]["config_hash"]
     assert json.loads(tags["SEGPIPE_DATA_VERSIONS"]) == meta["lineage"]["data_versions"]
+
+
+def test_bad_model_or_k_is_one_line_error_and_no_output(
+    profile: Path, artifact: Path, rasters: dict[str, tuple[Path, list[str]]], tmp_path: Path
+) -> None:
+    raster, extra = rasters["rgb_nodata_collar"]
+    missing = run_qgis_segment(profile, raster, tmp_path / "no-model", tmp_path / "a.tif", extra)
+    too_many = run_qgis_segment(profile, raster, artifact, tmp_path / "b.tif", extra, k=40)
+    assert missing.returncode != 0 and f"{tmp_path / 'no-model' / 'meta.json'}: missing" in missing.stderr
+    assert too_many.returncode != 0 and "k=40 is outside [2, max_k=16]" in too_many.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # Runs in QGIS's Python: the algorithm through the Processing API with a feedback that records progress and,
