@@ -28,7 +28,7 @@ TRAINING_GROUP = "training"
 TrainRunConfig = dagster_config(TrainConfig)
 # The checkpoint folder depends on what shapes the weights, not on where they are computed: a run
 # moved from CPU to GPU (or retried on another host) resumes the same training.
-_NOT_IN_TRAINING_KEY = ("device", "amp", "log_every", "checkpoint_every", "eval_every")
+_NOT_IN_TRAINING_KEY = ("device", "amp", "compile", "log_every", "checkpoint_every", "eval_every")
 # Pixel entropy is in units of log K, so 1 is a uniform assignment over the clusters.
 UNIFORM_PIXEL_ENTROPY = 0.99
 UNIFORM_CHECK = "assignments_not_uniform"

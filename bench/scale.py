@@ -120,6 +120,18 @@ def write_mosaic(dest: Path, size: int) -> float:
     return len(MOSAICS) * size * size / 1e6
 
 
+def stage_megapixels(kind: str, size: int, stage: str, dataset_megapixels: float) -> float:
+    """The megapixels a stage reads: the shard build all of the dataset; evaluation its labeled rasters (the
+    fit sample from metrics_train, the scores on val); ``segment`` one mosaic raster."""
+    if stage == "segment":
+        return size * size / 1e6
+    if stage == "eval":
+        if kind == "mosaic":
+            return sum(MOSAICS.values()) * size * size / 1e6
+        return size * len(list((KAMPALA / "masks").glob("*.tif"))) * TILE * TILE / 1e6
+    return dataset_megapixels
+
+
 def run_stage(work: Path, dataset_id: str, stage: str) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", STAGE, str(work), dataset_id, stage, str(TRAIN_STEPS), str(SEGMENT_K)],
@@ -144,16 +156,17 @@ def bench_kind(kind: str, sizes: list[int], stages: list[str], root: Path) -> No
             if stage == "segment" and kind == "tiles":
                 continue
             figures = run_stage(work, dataset_id, stage)
+            stage_mp = stage_megapixels(kind, size, stage, megapixels)
             line = {
                 "bench": "scale",
                 "kind": kind,
                 "size": size,
                 "stage": stage,
-                "megapixels": round(megapixels, 2),
+                "megapixels": round(stage_mp, 2),
                 "wall_s": round(figures["wall_s"], 2),
                 # Training runs a fixed number of steps: its cost per step, not per megapixel of data.
-                "s_per_mp": None if stage == "train" else round(figures["wall_s"] / megapixels, 4),
-                "mp_per_s": None if stage == "train" else round(megapixels / figures["wall_s"], 3),
+                "s_per_mp": None if stage == "train" else round(figures["wall_s"] / stage_mp, 4),
+                "mp_per_s": None if stage == "train" else round(stage_mp / figures["wall_s"], 3),
                 "peak_rss_mb": round(figures["peak_rss_mb"], 1),
                 # The shard build's workers; other stages' children are helpers such as `git` (code version).
                 "worker_peak_rss_mb": round(figures["worker_peak_rss_mb"], 1) if stage == "shards" else None,

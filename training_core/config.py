@@ -138,6 +138,13 @@ class TrainConfig(StrictModel):
         "auto", description="where to train; auto: CUDA, else MPS, else the CPU"
     )
     amp: bool = Field(False, description="AMP on CPU (always on for CUDA, off for MPS)")
+    # Off by default: the eager step is the reference (bitwise reproducible on the CPU) and compiling costs
+    # minutes before the first step; the GPU recipe (configs/gpu.yaml) and train_gpu turn it on. docs/GPU.md.
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step (encoder, soft k-means rounds, losses): fused kernels, "
+        "same values to float round-off",
+    )
     checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (and one at the last step)")
     log_every: int = Field(10, ge=1, description="steps between progress lines (and one at the last step)")
     eval_every: int = Field(

@@ -18,6 +18,7 @@ Pixels outside the data (padding of small rasters, nodata) carry weight 0 in eve
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -28,6 +29,9 @@ from training_core.data.views import TwoViews, warp
 
 EPS = 1e-8
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+# The entropies' unit: None = log K taken from the tensor's K (a Python float, the eager reference); a 0-dim
+# tensor holding log K is what the compiled parts get, so that K is not a constant of the compiled graph.
+LogK = torch.Tensor | None
 
 
 def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -45,7 +49,11 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor, weight: torch.Tensor | None =
 
 
 def cross_view_mutual_information(
-    z1: torch.Tensor, z2: torch.Tensor, all_reduce: AllReduce | None = None, weight: torch.Tensor | None = None
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    all_reduce: AllReduce | None = None,
+    weight: torch.Tensor | None = None,
+    log_k: LogK = None,
 ) -> torch.Tensor:
     """Mutual information (units of log K) between the cluster of a cell in view 1 and in view 2 (IIC).
 
@@ -53,7 +61,7 @@ def cross_view_mutual_information(
     frame). The joint distribution is pooled over every cell of the global batch (summed over DDP ranks
     by ``all_reduce``) and symmetrised, so the term rewards a clustering that agrees across the views,
     is confident, and uses every cluster over the whole batch, not per image. ``weight`` [B, 1, h, w]
-    scales each cell's count.
+    scales each cell's count. ``log_k``: see ``LogK``.
     """
     if weight is not None:
         z1 = z1 * weight
@@ -64,17 +72,17 @@ def cross_view_mutual_information(
     joint = (joint / joint.sum().clamp_min(EPS)).clamp_min(EPS)
     marginal = joint.sum(dim=1)
     mi = (joint * (torch.log(joint) - torch.log(marginal[:, None]) - torch.log(marginal[None, :]))).sum()
-    return mi / math.log(z1.shape[1])
+    return mi / (math.log(z1.shape[1]) if log_k is None else log_k)
 
 
-def pixel_entropy(p: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def pixel_entropy(p: torch.Tensor, weight: torch.Tensor | None = None, log_k: LogK = None) -> torch.Tensor:
     """Per-pixel mean entropy of [B, K, h, w] probabilities, in units of log K (0..1)."""
     entropy = -(p * torch.log(p.clamp_min(EPS))).sum(dim=1)
-    return _mean(entropy, weight) / math.log(p.shape[1])
+    return _mean(entropy, weight) / (math.log(p.shape[1]) if log_k is None else log_k)
 
 
 def marginal_entropy(
-    p: torch.Tensor, all_reduce: AllReduce | None = None, weight: torch.Tensor | None = None
+    p: torch.Tensor, all_reduce: AllReduce | None = None, weight: torch.Tensor | None = None, log_k: LogK = None
 ) -> torch.Tensor:
     """Entropy (units of log K) of the mean cluster distribution over every pixel of the global batch.
 
@@ -86,7 +94,7 @@ def marginal_entropy(
     # Normalising by the total mass (= the pixel count when rows sum to 1) keeps the marginal a
     # distribution even when low-precision smoothing leaves rows a hair off 1.
     marginal = mass / mass.sum().clamp_min(EPS)
-    return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / math.log(p.shape[1])
+    return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / (math.log(p.shape[1]) if log_k is None else log_k)
 
 
 def edge_aware_smoothness(
@@ -107,6 +115,65 @@ def edge_aware_smoothness(
     return 0.5 * (terms[0] + terms[1])
 
 
+def loss_parts(
+    probs1: torch.Tensor,
+    probs2: torch.Tensor,
+    image1: torch.Tensor,
+    image2: torch.Tensor,
+    valid1: torch.Tensor | None,
+    valid2: torch.Tensor | None,
+    grid: torch.Tensor,
+    seeds1: torch.Tensor | None,
+    seeds2: torch.Tensor | None,
+    edge_sharpness: float,
+    all_reduce: AllReduce | None = None,
+    log_k: LogK = None,
+) -> dict[str, torch.Tensor]:
+    """The loss parts of ``two_view_losses`` (without ``total``) from tensors alone: the views' low-resolution
+    inputs and valid masks and the warp grid already built (no Python per sample), which is what makes this
+    function compilable as one graph. ``seeds1`` None: the mutual information is 0 and not computed."""
+    probs1, probs2 = probs1.float(), probs2.float()
+    both = torch.cat([probs1, probs2])
+    valid_both = None if valid1 is None else torch.cat([valid1, valid2])
+    z1 = z2 = None
+    if seeds1 is not None:
+        z1, z2 = torch.softmax(seeds1.float(), dim=1), torch.softmax(seeds2.float(), dim=1)
+    # View 2's probabilities, seed-head probabilities and valid mask go into view 1's frame in one gather, whose
+    # backward is one scatter: fewer kernels, and inductor (torch 2.13, CPU) gets the gradient wrong when
+    # separate warps share the grid beside the smoothness term (tests/training_core/test_compile.py).
+    moving = [tensor for tensor in (probs2, z2, valid2) if tensor is not None]
+    if len(moving) == 1:
+        warped = [warp(probs2, grid)]
+    else:
+        warped = list(warp(torch.cat(moving, dim=1), grid).split([tensor.shape[1] for tensor in moving], dim=1))
+    probs2_warped = warped.pop(0)
+    z2_warped = None if z2 is None else warped.pop(0)
+    consistency_weight = None if valid1 is None else valid1 * warped.pop(0)
+    if z1 is None:
+        mutual_information = probs1.new_zeros(())
+    else:
+        mutual_information = cross_view_mutual_information(z1, z2_warped, all_reduce, consistency_weight, log_k)
+    return {
+        "consistency": symmetric_kl(probs1, probs2_warped, consistency_weight),
+        "pixel_entropy": pixel_entropy(both, valid_both, log_k),
+        "marginal_entropy": marginal_entropy(both, all_reduce, valid_both, log_k),
+        "smoothness": 0.5
+        * (
+            edge_aware_smoothness(probs1, image1.float(), edge_sharpness, valid1)
+            + edge_aware_smoothness(probs2, image2.float(), edge_sharpness, valid2)
+        ),
+        "cross_view_mi": mutual_information,
+    }
+
+
+@functools.cache
+def compiled_loss_parts() -> Callable[..., dict[str, torch.Tensor]]:
+    """``loss_parts`` through ``torch.compile`` (built once per process). Sizes are dynamic from the first call,
+    since K and the resolution change from step to step; each variant of the optional inputs (valid mask,
+    seed logits) compiles once."""
+    return torch.compile(loss_parts, dynamic=True)
+
+
 def two_view_losses(
     probs1: torch.Tensor,
     probs2: torch.Tensor,
@@ -115,6 +182,7 @@ def two_view_losses(
     all_reduce: AllReduce | None = None,
     seeds1: torch.Tensor | None = None,
     seeds2: torch.Tensor | None = None,
+    compiled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """All loss parts and their weighted ``total`` for one batch of two views.
 
@@ -123,30 +191,22 @@ def two_view_losses(
     input pooled to (h, w); pixels are weighted by their valid fraction (padding and nodata count 0).
     ``seeds1``/``seeds2``: the seed head's logits [B, K, h, w] of the same views, for the cross-view
     mutual information (None, or weight 0: that part is 0 and not computed).
+    ``compiled``: run the parts through ``torch.compile`` (``compiled_loss_parts``: the elementwise terms
+    fused into a few kernels; float round-off of the same values). Ignored with ``all_reduce`` (DDP), whose
+    collectives stay eager.
     """
-    probs1, probs2 = probs1.float(), probs2.float()
     size = probs1.shape[-1]
     image1, image2, valid1, valid2 = views.low_res(size)
     grid = views.grid(size)
-    both = torch.cat([probs1, probs2])
-    valid_both = None if valid1 is None else torch.cat([valid1, valid2])
-    consistency_weight = None if valid1 is None else valid1 * warp(valid2, grid)
     if seeds1 is None or weights.cross_view_mi == 0:
-        mutual_information = probs1.new_zeros(())
+        seeds1 = seeds2 = None
+    inputs = (probs1, probs2, image1, image2, valid1, valid2, grid, seeds1, seeds2, weights.edge_sharpness)
+    if compiled and all_reduce is None:
+        # log K as a tensor: a Python float would be a constant of the graph, recompiled for every K.
+        log_k = torch.full((), math.log(probs1.shape[1]), device=probs1.device)
+        parts = compiled_loss_parts()(*inputs, log_k=log_k)
     else:
-        z1, z2 = torch.softmax(seeds1.float(), dim=1), torch.softmax(seeds2.float(), dim=1)
-        mutual_information = cross_view_mutual_information(z1, warp(z2, grid), all_reduce, consistency_weight)
-    parts = {
-        "consistency": symmetric_kl(probs1, warp(probs2, grid), consistency_weight),
-        "pixel_entropy": pixel_entropy(both, valid_both),
-        "marginal_entropy": marginal_entropy(both, all_reduce, valid_both),
-        "smoothness": 0.5
-        * (
-            edge_aware_smoothness(probs1, image1.float(), weights.edge_sharpness, valid1)
-            + edge_aware_smoothness(probs2, image2.float(), weights.edge_sharpness, valid2)
-        ),
-        "cross_view_mi": mutual_information,
-    }
+        parts = loss_parts(*inputs, all_reduce)
     parts["total"] = (
         weights.consistency * parts["consistency"]
         - weights.cross_view_mi * parts["cross_view_mi"]

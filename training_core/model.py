@@ -18,6 +18,8 @@ The forward pass is the contract the numpy runtime (``runtime_export.runtime``) 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -127,16 +129,21 @@ def smooth_probs(probs: torch.Tensor, kernel: torch.Tensor, iters: int) -> torch
 
 
 def soft_kmeans(
-    embeddings: torch.Tensor, seed_logits: torch.Tensor, iters: int, temperature: float
+    embeddings: torch.Tensor,
+    seed_logits: torch.Tensor,
+    iters: int,
+    temperature: float,
+    kernels: KMeansKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft k-means over ``embeddings`` [B, D, N] seeded by ``seed_logits`` [B, K, N].
 
     Returns (assignment [B, K, N], prototypes [B, K, D]). Squared distances are expanded as
     ``|e|^2 - 2 p.e + |p|^2`` so no [B, K, D, N] tensor is ever built. The gradient is hand-written
     (``_SoftKMeans``): the values are those of the plain loop below, the backward touches the
-    full-size embeddings far fewer times than autograd would.
+    full-size embeddings far fewer times than autograd would. ``kernels``: the round's pieces (default
+    ``EAGER_KMEANS``; ``compiled_kmeans_kernels()`` fuses them, to float32 round-off of the same values).
     """
-    return _SoftKMeans.apply(embeddings, seed_logits, iters, temperature)
+    return _SoftKMeans.apply(embeddings, seed_logits, iters, temperature, kernels or EAGER_KMEANS)
 
 
 def assign_to_prototypes(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -147,7 +154,7 @@ def assign_to_prototypes(embeddings: torch.Tensor, prototypes: torch.Tensor, tem
         - 2.0 * scores
         + (prototypes * prototypes).sum(dim=1)[:, None]
     )
-    return torch.softmax(-dist / temperature, dim=1)
+    return torch.softmax(dist / -temperature, dim=1)
 
 
 def _weighted_means(assign: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +163,64 @@ def _weighted_means(assign: torch.Tensor, embeddings: torch.Tensor) -> tuple[tor
     return torch.bmm(assign, embeddings.transpose(1, 2)) / mass, mass
 
 
+def _kmeans_round(
+    prototypes: torch.Tensor, embeddings: torch.Tensor, sq_norm: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round: assignment to ``prototypes``, then the new (prototypes, mass) from it."""
+    dist = sq_norm - 2.0 * torch.bmm(prototypes, embeddings) + (prototypes * prototypes).sum(dim=2, keepdim=True)
+    assign = torch.softmax(dist / -temperature, dim=1)  # bitwise -dist / temperature, one kernel less
+    prototypes, mass = _weighted_means(assign, embeddings)
+    return assign, prototypes, mass
+
+
+def _means_backward(
+    g_assign: torch.Tensor, g_protos: torch.Tensor, protos: torch.Tensor, mass: torch.Tensor, embeddings: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``P = (A E^T) / m`` with m = clamp(sum_n A): (gradient of the numerator, of A so far)."""
+    g_num = g_protos / mass
+    g_mass = -(g_protos * protos).sum(dim=2, keepdim=True) / mass
+    g_mass = g_mass * (mass > MIN_MASS)
+    return g_num, g_assign + torch.bmm(g_num, embeddings) + g_mass
+
+
+def _assign_backward(
+    assign: torch.Tensor, g_assign: torch.Tensor, prev: torch.Tensor, embeddings_t: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``A = softmax(-(|e|^2 - 2 P E + |P|^2) / T)`` w.r.t. S = P E and P: (dS, dP)."""
+    g_logits = _softmax_backward(assign, g_assign)
+    g_scores = (2.0 / temperature) * g_logits  # w.r.t. S = P_{t-1} E
+    g_sq_proto = -g_logits.sum(dim=2, keepdim=True) / temperature  # w.r.t. |P_{t-1}|^2
+    return g_scores, torch.bmm(g_scores, embeddings_t) + 2.0 * g_sq_proto * prev
+
+
+@dataclass(frozen=True)
+class KMeansKernels:
+    """The pieces of one soft k-means round, forward and backward: eager (``EAGER_KMEANS``, the reference) or
+    each one ``torch.compile``d (``compiled_kmeans_kernels``: its elementwise ops fused around the matmuls).
+    Rounds are compiled one at a time, not the loop, so the drawn number of rounds never recompiles."""
+
+    round: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    means_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    assign_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+EAGER_KMEANS = KMeansKernels(_kmeans_round, _means_backward, _assign_backward)
+
+
+@functools.cache
+def compiled_kmeans_kernels() -> KMeansKernels:
+    """``EAGER_KMEANS`` with every piece ``torch.compile``d (built once per process, compiled on first call)."""
+    return KMeansKernels(
+        *(torch.compile(kernel, dynamic=True) for kernel in (_kmeans_round, _means_backward, _assign_backward))
+    )
+
+
 def _soft_kmeans_loop(
-    embeddings: torch.Tensor, seed_logits: torch.Tensor, iters: int, temperature: float
+    embeddings: torch.Tensor,
+    seed_logits: torch.Tensor,
+    iters: int,
+    temperature: float,
+    kernels: KMeansKernels = EAGER_KMEANS,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """The k-means rounds; returns every round's assignments, prototypes and masses (for the backward)."""
     assign = torch.softmax(seed_logits, dim=1)
@@ -165,9 +228,7 @@ def _soft_kmeans_loop(
     prototypes, mass = _weighted_means(assign, embeddings)
     assigns, protos, masses = [assign], [prototypes], [mass]
     for _ in range(iters):
-        dist = sq_norm - 2.0 * torch.bmm(prototypes, embeddings) + (prototypes * prototypes).sum(dim=2, keepdim=True)
-        assign = torch.softmax(-dist / temperature, dim=1)
-        prototypes, mass = _weighted_means(assign, embeddings)
+        assign, prototypes, mass = kernels.round(prototypes, embeddings, sq_norm, temperature)
         assigns.append(assign)
         protos.append(prototypes)
         masses.append(mass)
@@ -196,9 +257,11 @@ class _SoftKMeans(torch.autograd.Function):
         seed_logits: torch.Tensor,
         iters: int,
         temperature: float,
+        kernels: KMeansKernels,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assigns, protos, masses = _soft_kmeans_loop(embeddings, seed_logits, iters, temperature)
+        assigns, protos, masses = _soft_kmeans_loop(embeddings, seed_logits, iters, temperature, kernels)
         ctx.temperature = temperature
+        ctx.kernels = kernels
         ctx.save_for_backward(embeddings, *assigns, *protos, *masses)
         ctx.rounds = len(assigns)
         return assigns[-1], protos[-1]
@@ -206,9 +269,12 @@ class _SoftKMeans(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad_assign: torch.Tensor, grad_protos: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
-        embeddings, *saved = ctx.saved_tensors
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        # Detached: the saved outputs (last round) come back requiring grad, the others not; the same flags
+        # every round keep the compiled kernels to one variant.
+        embeddings, *saved = (tensor.detach() for tensor in ctx.saved_tensors)
         n = ctx.rounds
+        kernels = ctx.kernels
         assigns, protos, masses = saved[:n], saved[n : 2 * n], saved[2 * n :]
         embeddings_t = embeddings.transpose(1, 2)
         g_assign = grad_assign if grad_assign is not None else torch.zeros_like(assigns[-1])
@@ -216,20 +282,14 @@ class _SoftKMeans(torch.autograd.Function):
         left, right = [], []  # dE = sum of left_i^T @ right_i, i.e. cat(left)^T @ cat(right)
         for t in range(n - 1, -1, -1):
             # P_t = (A_t E^T) / m_t with m_t = clamp(sum_n A_t): gradients of numerator and mass.
-            g_num = g_protos / masses[t]
-            g_mass = -(g_protos * protos[t]).sum(dim=2, keepdim=True) / masses[t]
-            g_mass = g_mass * (masses[t] > MIN_MASS)
-            g_assign = g_assign + torch.bmm(g_num, embeddings) + g_mass
+            g_num, g_assign = kernels.means_backward(g_assign, g_protos, protos[t], masses[t], embeddings)
             left.append(g_num)
             right.append(assigns[t])
             if t == 0:
                 break
             # A_t = softmax(-(|e|^2 - 2 P_{t-1} E + |P_{t-1}|^2) / T).
-            g_logits = _softmax_backward(assigns[t], g_assign)
-            g_scores = (2.0 / ctx.temperature) * g_logits  # w.r.t. S = P_{t-1} E
-            g_sq_proto = -g_logits.sum(dim=2, keepdim=True) / ctx.temperature  # w.r.t. |P_{t-1}|^2
             prev = protos[t - 1]
-            g_protos = torch.bmm(g_scores, embeddings_t) + 2.0 * g_sq_proto * prev
+            g_scores, g_protos = kernels.assign_backward(assigns[t], g_assign, prev, embeddings_t, ctx.temperature)
             left.append(prev)
             right.append(g_scores)
             g_assign = torch.zeros_like(assigns[t - 1])  # A_{t-1} feeds P_{t-1} only
@@ -239,7 +299,7 @@ class _SoftKMeans(torch.autograd.Function):
         else:
             grad_embeddings = torch.bmm(factors.transpose(1, 2), uses)
         grad_seed = _softmax_backward(assigns[0], g_assign)
-        return grad_embeddings, grad_seed, None, None
+        return grad_embeddings, grad_seed, None, None, None
 
 
 def colour_projection(luminance_weight: float, chroma_weight: float) -> torch.Tensor | None:
@@ -260,6 +320,21 @@ class SegmentationModel(nn.Module):
         self.seed_proj = nn.Conv2d(config.embed_dim, config.max_k, 1)
         # Learned smoothing starts as the box filter the fast lane uses (all logits equal).
         self.smooth_logits = nn.Parameter(torch.zeros(3, 3), requires_grad=config.smoothing == "learned")
+        # Set by compile_training(): what a training-mode forward runs instead of encode() and EAGER_KMEANS.
+        self._compiled_encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._compiled_kmeans: KMeansKernels | None = None
+
+    def compile_training(self) -> None:
+        """``torch.compile`` the training-mode forward: ``encode`` (input normalisation, encoder, L2 normalisation,
+        seed projection: one graph forward, one backward) and the soft k-means rounds (``compiled_kmeans_kernels``).
+
+        Eval mode keeps the eager path, the reference the numpy runtime reproduces; the weights, their
+        state_dict keys and checkpoints are the same as without. Values match eager to float round-off, not
+        bitwise. Sizes are dynamic from the first call: the downsample drawn per step, K and a short last
+        batch reuse one graph instead of compiling a static one first and a dynamic one on the next shape.
+        """
+        self._compiled_encode = torch.compile(self.encode, dynamic=True)
+        self._compiled_kmeans = compiled_kmeans_kernels()
 
     def clustered_embedding(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Normalised input ``x`` + encoder ``features`` -> the embedding k-means clusters (colour appended
@@ -302,14 +377,17 @@ class SegmentationModel(nn.Module):
         iters = cfg.eval_cluster_iters if cluster_iters is None else cluster_iters
         smooth = cfg.smooth_iters if smooth_iters is None else smooth_iters
 
-        x = (rgb - self.input_mean) / self.input_std
-        features = self.encoder(x)
-        embeddings = self.clustered_embedding(x, features)
+        compiled = self.training and self._compiled_encode is not None
+        embeddings, seed_logits = (self._compiled_encode if compiled else self.encode)(rgb)
         b, d, h, w = embeddings.shape
-        seed_logits = self.seed_proj(features)[:, :k]
+        seed_logits = seed_logits[:, :k]
         if prototypes is None:
             assign, prototypes = soft_kmeans(
-                flatten_pixels(embeddings).float(), flatten_pixels(seed_logits).float(), iters, cfg.temperature
+                flatten_pixels(embeddings).float(),
+                flatten_pixels(seed_logits).float(),
+                iters,
+                cfg.temperature,
+                self._compiled_kmeans if compiled else None,
             )
         else:
             if prototypes.shape != (k, d):

@@ -75,6 +75,7 @@ RESUMABLE_FIELDS = frozenset(
         "steps",
         "device",
         "amp",  # the Dagster asset resumes a training moved between CPU and GPU (AMP always on for CUDA)
+        "compile",  # the same step, fused: values to float round-off, like amp
         "log_every",
         "checkpoint_every",
         "eval_every",
@@ -156,7 +157,21 @@ def step_losses(
         output = model(both, plan.k, cluster_iters=plan.cluster_iters, upsample=False)
     probs1, probs2 = output.low_res_probs.chunk(2)
     seeds1, seeds2 = output.seed_logits.chunk(2)
-    return two_view_losses(probs1, probs2, views, config.loss, all_reduce, seeds1, seeds2)
+    return two_view_losses(probs1, probs2, views, config.loss, all_reduce, seeds1, seeds2, compiled=config.compile)
+
+
+def device_inputs(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images float32 in [0, 1], valid mask or None) of a loader batch, on ``device``.
+
+    uint8 over the wire (a quarter of the bytes), float on the device. A mask with every pixel valid (the
+    common case) is dropped here, on the host, as ``make_views`` would drop it on the device: the same
+    losses, without the mask's copy or a device sync to look at it.
+    """
+    images = unit_float(batch["image"].to(device, non_blocking=True))
+    valid = batch.get("valid")
+    if valid is None or bool(valid.all()):
+        return images, None
+    return images, valid.to(device, non_blocking=True)
 
 
 def endless_batches(loader: DataLoader, skip: int = 0) -> Iterator[dict]:
@@ -354,6 +369,8 @@ def _train(
 ) -> TrainResult:
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = SegmentationModel(config.model).to(policy.device, memory_format=policy.memory_format)
+    if config.compile:
+        model.compile_training()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -418,10 +435,7 @@ def _train(
             plan = plan_step(config, step)
             sums = torch.zeros(len(LOSS_PARTS), device=policy.device)
             for micro in range(config.grad_accum):
-                batch = next(batches)
-                # uint8 over the wire (a quarter of the bytes), float on the device.
-                images = unit_float(batch["image"].to(policy.device, non_blocking=True))
-                valid = batch["valid"].to(policy.device, non_blocking=True) if "valid" in batch else None
+                images, valid = device_inputs(next(batches), policy.device)
                 generator = view_generator(config.seed, step, dist_ctx.rank, micro, policy.device)
                 # DDP all-reduces gradients once per step: skip the sync on all but the last micro-batch.
                 last_micro = micro == config.grad_accum - 1

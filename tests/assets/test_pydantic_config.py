@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from assets.training import TrainRunConfig, trained_model
 from pipeline.definitions import defs
+from pipeline.jobs import GPU_TRAINING
 from training_core.config import TrainConfig
 
 SAMPLE_RUN_YAML = Path(__file__).resolve().parents[2] / "pipeline" / "sample_run.yaml"
@@ -99,9 +100,9 @@ def test_trained_model_schema_has_every_field_with_its_default_and_a_one_line_de
     assert [path for path, field in described.items() if not field.description or "\n" in field.description] == []
 
 
-@pytest.mark.parametrize(("job_name", "device"), [("train_cpu", "cpu"), ("train_gpu", "cuda")])
-def test_train_job_launchpad_opens_with_and_scaffolds_every_field_at_its_default(job_name: str, device: str) -> None:
-    expected = TrainConfig(device=device).model_dump(mode="json", exclude_none=True)
+@pytest.mark.parametrize(("job_name", "settings"), [("train_cpu", {"device": "cpu"}), ("train_gpu", GPU_TRAINING)])
+def test_train_job_launchpad_opens_with_and_scaffolds_every_field_at_its_default(job_name: str, settings: dict) -> None:
+    expected = TrainConfig.model_validate(settings).model_dump(mode="json", exclude_none=True)
     # The job's own config is the launchpad's starting text (its "default" preset) ...
     assert defs.resolve_job_def(job_name).run_config["ops"]["trained_model"]["config"] == expected
     # ... and "Scaffold all default config" writes it again, nested sections included.

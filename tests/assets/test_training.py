@@ -97,7 +97,7 @@ def test_rematerializing_the_same_config_resumes_from_its_checkpoint(built: dict
 def test_training_key_ignores_the_device_but_not_the_data(built: dict, instance: dg.DagsterInstance) -> None:
     paths: ProjectPaths = built["paths"]
     cpu = training_config(TrainConfig.model_validate({**TINY, "device": "cpu"}), instance, paths, TrainingDevice())
-    gpu = cpu.model_copy(update={"device": "cuda"})
+    gpu = cpu.model_copy(update={"device": "cuda", "compile": True})  # the compiled step trains the same run
     versions = {"unlabeled_scenes": "v1"}
     assert training_key(cpu, versions) == training_key(gpu, versions)
     assert training_key(cpu, versions) != training_key(cpu, {"unlabeled_scenes": "v2"})

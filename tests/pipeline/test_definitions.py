@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.definitions import defs, resources_for
-from pipeline.jobs import GPU_K8S_CONFIG, SAMPLE_DATASETS
+from pipeline.jobs import GPU_K8S_CONFIG, GPU_TRAINING, SAMPLE_DATASETS
+from training_core.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STAGES = {"dataset_header", "processed_shards", "trained_model", "iou_evaluation", "runtime_artifact", "best_model"}
@@ -48,6 +49,18 @@ def test_train_jobs_share_the_asset_and_differ_in_device_tags_and_gpu_request() 
     assert "dagster-k8s/config" not in cpu.run_tags
     assert gpu.graph.node_named("trained_model").definition.pool == "gpu"
     assert gpu.run_config["ops"]["trained_model"]["config"]["device"] == "cuda"
+
+
+def test_train_gpu_and_the_gpu_recipe_share_the_throughput_settings() -> None:
+    """docs/GPU.md: train_gpu and configs/gpu.yaml train with the compiled step, the larger batch, pinned workers."""
+    config = defs.resolve_job_def("train_gpu").run_config["ops"]["trained_model"]["config"]
+    recipe = load_config(REPO_ROOT / "configs" / "gpu.yaml")
+    for key, value in GPU_TRAINING.items():
+        if key == "data":
+            for data_key, data_value in value.items():
+                assert config["data"][data_key] == getattr(recipe.data, data_key) == data_value, data_key
+        else:
+            assert config[key] == getattr(recipe, key) == value, key
 
 
 def test_sample_pipeline_spans_every_sample_dataset_in_one_run() -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from training_core.config import AugmentConfig
+from training_core.data import views
 from training_core.data.views import (
     DIHEDRAL_CODES,
     dihedral,
@@ -64,6 +65,17 @@ def test_warp_equals_nearest_grid_sample() -> None:
     for grid in (exact, arbitrary):
         expected = F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=True)
         assert torch.equal(warp(x, grid), expected)
+
+
+def test_the_accelerator_path_moves_the_same_values_as_the_per_sample_loop() -> None:
+    """On CUDA a batch is transformed, and its grids built, by one gather; the CPU loop is the reference."""
+    codes1, codes2 = [c1 for c1, _ in PAIRS], [c2 for _, c2 in PAIRS]
+    x = torch.cat([_dyadic_image(12, seed=i) for i in range(len(PAIRS))])
+    assert torch.equal(views._gathered_transform(x, codes1), views._transform(x, codes1))
+    assert torch.equal(views._gathered_transform(x[:, :1], codes2), views._transform(x[:, :1], codes2))
+    for size in (12, 3):
+        grid = views._gathered_grid(views._pixel_centres(size, "cpu"), codes1, codes2)
+        assert grid.is_contiguous() and torch.equal(grid, warp_grid(codes1, codes2, size))
 
 
 def test_make_views_without_noise_are_aligned_by_their_grid() -> None:

@@ -6,10 +6,17 @@ A dihedral transform is coded 0..7: ``rot = code % 4`` quarter turns after a hor
 index permutations as the pixels, so its values are exact pixel centres: ``warp(view2, grid)``
 reproduces view 1 bit for bit when noise is off. The grid works at any resolution the transform
 commutes with, e.g. the stride-4 probabilities of a patch whose side is divisible by 4.
+
+Everything here runs on the images' device. On the CPU each sample is transformed by itself (the
+reference); on an accelerator a batch is transformed by one gather through a cached table of the eight
+permutations (``_dihedral_tables``), and the codes are drawn on the host, so the step launches a few
+kernels however large the batch and never waits for the device to read them. Both give the same values:
+a dihedral transform only moves values.
 """
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,11 +47,53 @@ def warp_grid(codes1: list[int], codes2: list[int], size: int, device: torch.dev
     View 1 pixel q shows the ground at ``T1^-1(q)``, which view 2 shows at ``T2(T1^-1(q))``; an image of
     view-2 coordinates transformed by ``T1 o T2^-1`` holds exactly that location at q.
     """
-    axis = torch.linspace(-1.0, 1.0, size, device=device)
-    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
-    coords = torch.stack([xs, ys])  # [2, size, size], channel 0 = x (column), 1 = y (row)
+    coords = _pixel_centres(size, device)
+    if coords.device.type != "cpu":
+        return _gathered_grid(coords, codes1, codes2)
     grids = [dihedral(inverse_dihedral(coords, c2), c1) for c1, c2 in zip(codes1, codes2, strict=True)]
     return torch.stack(grids).permute(0, 2, 3, 1).contiguous()
+
+
+def _pixel_centres(size: int, device: torch.device | str) -> torch.Tensor:
+    """[2, size, size] grid_sample coordinates of every pixel centre: channel 0 = x (column), 1 = y (row)."""
+    axis = torch.linspace(-1.0, 1.0, size, device=device)
+    ys, xs = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([xs, ys])
+
+
+@functools.lru_cache(maxsize=16)
+def _dihedral_tables(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([8, size * size], same): for each code, the flat source index of every pixel of ``dihedral(x, code)``
+    and of ``inverse_dihedral(x, code)`` (the transforms applied to an image of indices)."""
+    base = torch.arange(size * size, device=device).view(size, size)
+    forward = torch.stack([dihedral(base, code).reshape(-1) for code in DIHEDRAL_CODES])
+    inverse = torch.stack([inverse_dihedral(base, code).reshape(-1) for code in DIHEDRAL_CODES])
+    return forward, inverse
+
+
+def _codes_tensor(codes: list[int], device: torch.device) -> torch.Tensor:
+    """``codes`` as an int64 tensor on ``device``; to a CUDA device through pinned memory, without a sync."""
+    codes_tensor = torch.tensor(codes, dtype=torch.int64)
+    if device.type == "cuda":
+        return codes_tensor.pin_memory().to(device, non_blocking=True)
+    return codes_tensor.to(device)
+
+
+def _gathered_transform(batch: torch.Tensor, codes: list[int]) -> torch.Tensor:
+    """``_transform`` as one gather: sample i through the permutation of ``codes[i]``."""
+    b, c, h, w = batch.shape
+    forward, _ = _dihedral_tables(h, batch.device)
+    index = forward[_codes_tensor(codes, batch.device)]  # [B, h * w]
+    return batch.reshape(b, c, h * w).gather(2, index[:, None].expand(b, c, h * w)).view(b, c, h, w)
+
+
+def _gathered_grid(coords: torch.Tensor, codes1: list[int], codes2: list[int]) -> torch.Tensor:
+    """``warp_grid``'s grids as one gather: ``dihedral(inverse_dihedral(coords, c2), c1)`` takes the pixel at
+    ``inverse[c2][forward[c1][i]]`` to position i."""
+    size = coords.shape[-1]
+    forward, inverse = _dihedral_tables(size, coords.device)
+    index = inverse[_codes_tensor(codes2, coords.device)].gather(1, forward[_codes_tensor(codes1, coords.device)])
+    return coords.reshape(2, size * size).T[index].view(len(codes1), size, size, 2)
 
 
 def warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -88,7 +137,9 @@ class TwoViews:
 
 
 def _transform(batch: torch.Tensor, codes: list[int]) -> torch.Tensor:
-    """Dihedral transform ``codes[i]`` applied to sample i of ``batch``."""
+    """Dihedral transform ``codes[i]`` applied to sample i of ``batch`` [B, C, S, S]."""
+    if batch.device.type != "cpu":
+        return _gathered_transform(batch, codes)
     return torch.stack([dihedral(sample, code) for sample, code in zip(batch, codes, strict=True)])
 
 
@@ -150,12 +201,16 @@ def make_views(
     """Two independently augmented views of ``images`` [B, 3, P, P] (P square), drawn from ``generator``.
 
     ``valid`` [B, P, P] (bool or float; None or all true = every pixel real) lets the losses leave
-    padding and nodata out. ``generator`` must live on ``images.device`` (noise is drawn there).
+    padding and nodata out. ``generator`` must live on ``images.device`` (noise is drawn there; on an
+    accelerator the transforms are drawn on the host from its seed).
     """
     if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"two views need square images [B, 3, P, P], got {tuple(images.shape)}")
-    codes1 = _draw_codes(images.shape[0], augment, generator)
-    codes2 = _draw_codes(images.shape[0], augment, generator)
+    # On an accelerator the codes come from a host generator seeded like ``generator``: reading them back
+    # would wait for the device. On the CPU it is ``generator`` itself.
+    host = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
+    codes1 = _draw_codes(images.shape[0], augment, host)
+    codes2 = _draw_codes(images.shape[0], augment, host)
     view1 = _augment(images, codes1, augment, generator)
     view2 = _augment(images, codes2, augment, generator)
     mask = None if valid is None else valid.to(images.dtype).unsqueeze(1)
