@@ -94,7 +94,7 @@ class RasterioSource:
         self.width, self.height = reader.width, reader.height
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.reader.read(rasterio.windows.Window(window.col_off, window.row_off, window.width, window.height))
+        return self.reader.read(_rio_window(window))
 
 
 def choose_file_rule(
