@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
@@ -89,3 +90,12 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
         return dataset
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster, and immune to other processes' load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
-import torch
 import yaml
 from rasterio.enums import ColorInterp
 
@@ -33,13 +31,7 @@ K = 3
 NODATA_LABEL = 255  # runtime_export.segment's default
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is faster, and immune to other processes' load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def segment(model: Path, image: Path, out: Path) -> tuple[dict, np.ndarray]:

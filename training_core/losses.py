@@ -34,6 +34,11 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 LogK = torch.Tensor | None
 
 
+def _unit(k: int, log_k: LogK) -> float | torch.Tensor:
+    """log K, the entropies' unit: ``log_k`` when given (compiled), else from K."""
+    return math.log(k) if log_k is None else log_k
+
+
 def _mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Mean of per-pixel ``values`` [B, h, w], weighted by ``weight`` [B, 1, h, w] (None = plain mean)."""
     if weight is None:
@@ -72,13 +77,13 @@ def cross_view_mutual_information(
     joint = (joint / joint.sum().clamp_min(EPS)).clamp_min(EPS)
     marginal = joint.sum(dim=1)
     mi = (joint * (torch.log(joint) - torch.log(marginal[:, None]) - torch.log(marginal[None, :]))).sum()
-    return mi / (math.log(z1.shape[1]) if log_k is None else log_k)
+    return mi / _unit(z1.shape[1], log_k)
 
 
 def pixel_entropy(p: torch.Tensor, weight: torch.Tensor | None = None, log_k: LogK = None) -> torch.Tensor:
     """Per-pixel mean entropy of [B, K, h, w] probabilities, in units of log K (0..1)."""
     entropy = -(p * torch.log(p.clamp_min(EPS))).sum(dim=1)
-    return _mean(entropy, weight) / (math.log(p.shape[1]) if log_k is None else log_k)
+    return _mean(entropy, weight) / _unit(p.shape[1], log_k)
 
 
 def marginal_entropy(
@@ -94,7 +99,7 @@ def marginal_entropy(
     # Normalising by the total mass (= the pixel count when rows sum to 1) keeps the marginal a
     # distribution even when low-precision smoothing leaves rows a hair off 1.
     marginal = mass / mass.sum().clamp_min(EPS)
-    return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / (math.log(p.shape[1]) if log_k is None else log_k)
+    return -(marginal * torch.log(marginal.clamp_min(EPS))).sum() / _unit(p.shape[1], log_k)
 
 
 def edge_aware_smoothness(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,15 +33,10 @@ def _inductor_unavailable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_inductor_unavailable() is not None, reason=_inductor_unavailable() or "")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.skipif(_inductor_unavailable() is not None, reason=_inductor_unavailable() or ""),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def _config(**overrides: object) -> TrainConfig:
