@@ -22,7 +22,7 @@ from qgis.core import (
 )
 
 from . import openblas
-from .gdal_io import GdalSource, LabelWriter, colour_interpretation, open_input, raster_dtype
+from .gdal_io import GdalSource, LabelWriter, bounded_block_cache, colour_interpretation, open_input, raster_dtype
 from .runtime_export.runtime import load_runtime_model, use_matmul
 from .runtime_export.whole_raster import DEFAULT_NODATA_LABEL, check_k, choose_input_rule, segment_source
 
@@ -102,9 +102,10 @@ class SegmentAlgorithm(QgsProcessingAlgorithm):
             feedback.setProgress(50.0 * (pass_number - 1) + 50.0 * done / tiles)
 
         try:
-            stats = segment_source(model, source, k, writer.write, output.parent, progress=progress)
-            feedback.pushInfo("Building overviews")
-            writer.commit()
+            with bounded_block_cache():
+                stats = segment_source(model, source, k, writer.write, output.parent, progress=progress)
+                feedback.pushInfo("Building overviews")
+                writer.commit()
         except Cancelled:
             writer.discard()
             raise QgsProcessingException("Cancelled: no output was written") from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,21 @@ from osgeo import gdal, gdal_array
 from .runtime_export.pixels import PixelRule
 from .runtime_export.whole_raster import Window, label_colours, label_style, label_tags, overview_factors, style_path
 
+# As in runtime_export.segment: GDAL's block cache (QGIS leaves GDAL's default, 5% of RAM) would grow with the
+# raster during the two passes; this cap holds a row of tiles of a wide striped input.
+BLOCK_CACHE_BYTES = 256 * 2**20
 CREATE_OPTIONS = ["TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
+
+
+@contextmanager
+def bounded_block_cache(limit: int = BLOCK_CACHE_BYTES) -> Iterator[None]:
+    """GDAL's block cache at most ``limit`` bytes for the block, then as it was (a process-wide setting)."""
+    previous = gdal.GetCacheMax()
+    gdal.SetCacheMax(min(previous, limit))
+    try:
+        yield
+    finally:
+        gdal.SetCacheMax(previous)
 
 
 def open_input(path: str | Path) -> gdal.Dataset:
