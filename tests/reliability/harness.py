@@ -89,7 +89,8 @@ class Untouched:
 
     def assert_unchanged(self) -> None:
         after = file_digests(*self.roots)
-        changed = sorted(path for path in self.digests.keys() | after.keys() if self.digests.get(path) != after.get(path))
+        paths = self.digests.keys() | after.keys()
+        changed = sorted(path for path in paths if self.digests.get(path) != after.get(path))
         assert not changed, f"files changed, added or removed: {changed[:20]}"
         assert hidden_entries(*self.roots) == self.hidden, (
             f"hidden leftovers: {sorted(hidden_entries(*self.roots) - self.hidden)[:20]}"
