@@ -15,6 +15,24 @@ from affine import Affine
 from rasterio.errors import NotGeoreferencedWarning
 
 SAMPLE_EXTRACTED = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
+TESTS = Path(__file__).resolve().parent
+# Where float results pass through BLAS kernels (the numpy runtime, the model, losses, evaluation, parity):
+# marked `numerical`, so bin/test runs them again under another OpenBLAS kernel (tests/numerics.py).
+NUMERICAL_TESTS = (
+    "runtime_export",
+    "training_core/test_model.py",
+    "training_core/test_losses.py",
+    "training_core/test_eval.py",
+    "training_core/test_metrics.py",
+    "assets/test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        where = item.path.relative_to(TESTS).as_posix()
+        if any(where == path or where.startswith(f"{path}/") for path in NUMERICAL_TESTS):
+            item.add_marker(pytest.mark.numerical)
 
 
 @pytest.fixture(scope="session")

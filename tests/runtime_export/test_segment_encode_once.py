@@ -1,9 +1,12 @@
 """Encode once: ``segment`` writes the labels of the encode-twice version it replaced, and the cells pass 2 reads
-back from the scratch file are the numbers a fresh encode gives, whatever the tiling."""
+back from the scratch file are the numbers a fresh encode gives, whatever the tiling.
+
+Both hold up to float32 rounding, which differs between BLAS kernels when the same cell is encoded inside
+differently shaped tiles: labels agree except at near-ties, embeddings within ``EMBEDDING_ATOL``
+(``tests.numerics``)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,10 @@ import rasterio
 from affine import Affine
 
 from runtime_export.export import export_model
-from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, encoder_input, valid_cells
-from runtime_export.runtime import STRIDE, RuntimeModel, load_runtime_model, soft_kmeans
+from runtime_export.prototypes import cell_grid, encoder_input
+from runtime_export.runtime import STRIDE, load_runtime_model
 from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
 from runtime_export.whole_raster import (
-    DEFAULT_NODATA_LABEL,
-    ENCODER_REACH_CELLS,
     EmbeddingSpill,
     Window,
     core_cells,
@@ -25,10 +26,12 @@ from runtime_export.whole_raster import (
     margin_pixels,
     tile_windows,
 )
+from tests.numerics import EMBEDDING_ATOL, assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
 from training_core.datasets.rasters import InputReader
 
 from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb
+from .reference_segment import encode_twice
 
 CONFIGS = {
     "small": TrainConfig(model=ModelConfig(embed_dim=16, max_k=8, luminance_weight=0.5, chroma_weight=1.0)),
@@ -81,50 +84,6 @@ def rasters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> np.ndarray:
-    """The labels ``segment`` wrote before encode-once (its code, kept as the oracle): pass 1 encodes the tiles with
-    lattice cells and fits on them in raster order; pass 2 encodes every tile again (margin: receptive field +
-    smoothing + 2 cells) and keeps the labels of its core."""
-    rule, _ = choose_file_rule(model.meta, path)
-    with InputReader(path, rule) as opened:
-        reader = RasterioSource(opened)
-        width, height = reader.width, reader.height
-        tiles = list(tile_windows(width, height, tile_size, STRIDE * (ENCODER_REACH_CELLS + model.smooth_iters + 2)))
-        step = max(1, math.ceil(math.sqrt(math.prod(cell_grid(height, width)) / DEFAULT_MAX_FIT_CELLS)))
-        keys, embeddings, seeds = [], [], []
-        for tile in tiles:
-            rgb, valid = reader.read(tile.read)
-            rgb = encoder_input(model, rgb, valid)
-            h, w = rgb.shape[1] // STRIDE, rgb.shape[2] // STRIDE
-            rs, cs = core_cells(tile)
-            cell_r = np.arange(h)[rs] + tile.read.row_off // STRIDE  # global cell coordinates
-            cell_c = np.arange(w)[cs] + tile.read.col_off // STRIDE
-            keep = (cell_r[:, None] % step == 0) & (cell_c[None, :] % step == 0)
-            keep = keep if valid is None else keep & valid_cells(valid)[rs, cs]
-            if keep.any():
-                embedding = model.embed(rgb)
-                local = (np.arange(h)[rs][:, None] * w + np.arange(w)[cs][None, :])[keep]
-                keys.append((cell_r[:, None] * (1 << 31) + cell_c[None, :])[keep])
-                embeddings.append(embedding.embeddings[local])
-                seeds.append(embedding.seed_logits[local, :k])
-        order = np.argsort(np.concatenate(keys), kind="stable")
-        fit = (np.concatenate(embeddings)[order], np.concatenate(seeds)[order])
-        _, prototypes = soft_kmeans(*fit, model.cluster_iters, model.temperature)
-        labels = np.empty((height, width), np.uint8)
-        for tile in tiles:
-            rgb, valid = reader.read(tile.read)
-            embedding = model.embed(encoder_input(model, rgb, valid))
-            tile_labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
-            y, x = tile.core.row_off - tile.read.row_off, tile.core.col_off - tile.read.col_off
-            core = (slice(y, y + tile.core.height), slice(x, x + tile.core.width))
-            out = tile_labels[core] if valid is None else np.where(valid[core], tile_labels[core], DEFAULT_NODATA_LABEL)
-            labels[
-                tile.core.row_off : tile.core.row_off + tile.core.height,
-                tile.core.col_off : tile.core.col_off + tile.core.width,
-            ] = out
-    return labels
-
-
 @pytest.mark.parametrize(
     ("artifact", "raster", "k", "tile_size"),
     [
@@ -143,16 +102,16 @@ def test_labels_equal_the_encode_twice_segment(
     segment_raster(model, rasters[raster], tmp_path / "labels.tif", k, tile_size=tile_size)
     with rasterio.open(tmp_path / "labels.tif") as src:
         labels = src.read(1)
-    expected = _encode_twice(model, rasters[raster], k, tile_size)
-    np.testing.assert_array_equal(labels, expected)
+    expected, gap = encode_twice(model, rasters[raster], k, tile_size)
+    assert_labels_equal_off_near_ties(labels, expected, gap)
     assert len(np.unique(labels)) > 2
 
 
 def test_spilled_cells_are_a_fresh_encode_whatever_the_tiling(
     artifacts: dict[str, Path], rasters: dict[str, Path], tmp_path: Path
 ) -> None:
-    """The margin exceeds the receptive field: a core cell's embedding is the same bits in any window that holds
-    the core and its margin, here each tile's own and the whole raster."""
+    """The margin exceeds the receptive field: a core cell's embedding is the same numbers (up to rounding) in any
+    window that holds the core and its margin, here each tile's own and the whole raster."""
     model = load_runtime_model(artifacts["small"])
     path = rasters["mosaic"]
     with InputReader(path, choose_file_rule(model.meta, path)[0]) as opened:
@@ -164,10 +123,12 @@ def test_spilled_cells_are_a_fresh_encode_whatever_the_tiling(
             tiles = list(tile_windows(width, height, tile_size, margin_pixels(model.smooth_iters)))
             with EmbeddingSpill(tmp_path / f"cells-{tile_size}.f32", grid, expected.shape[-1]) as spill:
                 fit_raster_prototypes(model, reader, 4, tiles, 1, spill)
-                np.testing.assert_array_equal(spill.read(slice(0, grid[0]), slice(0, grid[1])), expected)
+                whole_cells = spill.read(slice(0, grid[0]), slice(0, grid[1]))
+                np.testing.assert_allclose(whole_cells, expected, rtol=0, atol=EMBEDDING_ATOL)
                 for tile in tiles:
                     fresh = model.embed(encoder_input(model, *reader.read(tile.read)))
                     rows, cols = core_cells(tile)
                     r0, c0 = tile.core.row_off // STRIDE, tile.core.col_off // STRIDE
                     spilled = spill.read(slice(r0, r0 + rows.stop - rows.start), slice(c0, c0 + cols.stop - cols.start))
-                    np.testing.assert_array_equal(spilled, fresh.embeddings.reshape(*fresh.grid, -1)[rows, cols])
+                    fresh_cells = fresh.embeddings.reshape(*fresh.grid, -1)[rows, cols]
+                    np.testing.assert_allclose(spilled, fresh_cells, rtol=0, atol=EMBEDDING_ATOL)
