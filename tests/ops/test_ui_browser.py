@@ -59,7 +59,8 @@ CHROMIUM_ARGS = [
 RUN_TIMEOUT_S = 600
 SAMPLE_EXTRACTED_ROOT = REPO_ROOT / "sample_data" / "extracted"
 SAMPLE_RUN_YAML = REPO_ROOT / "pipeline" / "sample_run.yaml"
-EDITOR_TEXT = "() => document.querySelector('.CodeMirror').CodeMirror.getValue()"
+# The editor mounts after the page's first network-idle on a slow machine: until then its text reads as empty.
+EDITOR_TEXT = "() => document.querySelector('.CodeMirror')?.CodeMirror?.getValue() ?? ''"
 
 
 @contextmanager
@@ -102,6 +103,7 @@ def set_launchpad_config(page: playwright_sync.Page, run_config_yaml: str) -> No
 
 def launchpad_ops(page: playwright_sync.Page) -> dict:
     """The `ops` section of the launchpad's YAML, once the editor holds the trained_model config."""
+    page.locator(".CodeMirror").first.wait_for()
     page.wait_for_function(f"() => ({EDITOR_TEXT})().includes('trained_model:')")
     return yaml.safe_load(page.evaluate(EDITOR_TEXT))["ops"]
 
