@@ -2,26 +2,36 @@
 
 ``python -m training_core.headers --extracted-root DIR [--dataset-id ID] [--out DIR | --dry-run]``
 
-The schema, discovery, raster checks and inference live in ``training_core.datasets``.
+A bad input (a missing folder, a file that does not open, a link leading out of the dataset folder, a
+dataset without a valid pixel...) is one line ``segpipe-headers: error: ...`` on stderr and exit 2, with
+nothing written. The schema, discovery, raster checks and inference live in ``training_core.datasets``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from training_core.datasets.discovery import discover_datasets
-from training_core.datasets.errors import DatasetError
+import rasterio
+
+from runtime_export.cli import run_cli
+from training_core.datasets.discovery import dataset_folder, discover_datasets
 from training_core.datasets.scan import scan_dataset
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_hash, header_to_yaml
 
+PROG = "segpipe-headers"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; a user error is reported as one line (``runtime_export.cli``)."""
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
-        prog="segpipe-headers",
+        prog=PROG,
         description="Extract (or load the committed) dataset header and validate every file against it.",
     )
     parser.add_argument("--extracted-root", required=True, type=Path, help="folder of <dataset_id>/ folders")
@@ -30,13 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate and summarise only; write nothing")
     parser.add_argument("--workers", type=int, default=None, help="processes reading files (default: CPU count)")
     args = parser.parse_args(argv)
-    try:
+    # Inside an Env, GDAL's errors (a truncated TIFF's) reach rasterio, which raises them, instead of being
+    # printed on stderr beside the one line naming the file.
+    with rasterio.Env():
         ids = [args.dataset_id] if args.dataset_id else discover_datasets(args.extracted_root)
         for dataset_id in ids:
-            dataset_dir = args.extracted_root / dataset_id
-            if not dataset_dir.is_dir():
-                raise DatasetError(f"{dataset_dir}: no such dataset folder")
-            scan = scan_dataset(dataset_dir, dataset_id, args.workers)
+            scan = scan_dataset(dataset_folder(args.extracted_root, dataset_id), dataset_id, args.workers)
             header = scan.header
             summary = {
                 "dataset_id": dataset_id,
@@ -56,9 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(summary))
             else:
                 print("---\n" + header_to_yaml(header), end="")
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

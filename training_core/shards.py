@@ -26,6 +26,14 @@ old one waits aside and the next build puts it back before anything else; leftov
 removed then too. Builds of one dataset
 must not run concurrently (Dagster runs one per partition). The manifest holds no timestamps, so a rebuild
 of the same data and settings is byte-identical.
+
+A processed dataset folder that is a symbolic link (shards kept on another disk) stays a link: the build is
+staged beside the folder it leads to and swapped in there. A build never replaces what is not a build: a
+non-empty folder without a manifest, a file, or a place overlapping the raw dataset folder is refused.
+
+An item is listed once: ``read_index`` and ``iter_split_items`` (what the loaders read) refuse an item or a
+tile listed twice, naming the index file, the line and the item (a duplicated line would be trained on and
+scored twice), and ``verify_shards`` reports each repeat.
 """
 
 from __future__ import annotations
@@ -36,7 +44,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,9 +58,19 @@ from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from runtime_export.cli import run_cli
+from runtime_export.pixels import PixelRule
 from training_core.atomic import verify_raster
 from training_core.datasets import rasters
-from training_core.datasets.discovery import DatasetItem, dataset_content_hash, discover_datasets, discover_items
+from training_core.datasets.discovery import (
+    DatasetItem,
+    dataset_content_hash,
+    dataset_folder,
+    dataset_root_of,
+    discover_datasets,
+    discover_items,
+    require_utf8,
+)
 from training_core.datasets.errors import DatasetError
 from training_core.datasets.rasters import distinct_values, has_mask_band, open_raster, raster_facts
 from training_core.datasets.scan import (
@@ -61,8 +78,10 @@ from training_core.datasets.scan import (
     ItemPool,
     check_consistency,
     check_label_values,
+    check_valid_pixels,
     complete_header,
     describe_data,
+    inferred_rule,
     inferred_value_sample,
     layout_header,
     load_committed_header,
@@ -81,6 +100,7 @@ from training_core.datasets.schema import (
 )
 from training_core.splits import SPLITS, assign_splits, read_pinned_splits, split_counts
 
+PROG = "segpipe-shards"
 LAYOUT_VERSION = 0
 MANIFEST_FILENAME = "manifest.json"
 INDEX_FILENAME = "index.jsonl"
@@ -239,9 +259,8 @@ def plan_shards(
     """Header (``header_path``, else the committed one, else the layout part of the inferred one), items and
     split assignment. ``header_path`` is an extracted header (the ``dataset_header`` asset's file): it is
     authoritative like a committed one."""
-    dataset_dir = Path(extracted_root) / dataset_id
-    if not dataset_dir.is_dir():
-        raise DatasetError(f"{dataset_dir}: no such dataset folder")
+    dataset_dir = dataset_folder(extracted_root, dataset_id)
+    require_utf8(dataset_dir, "dataset folder")
     committed = load_committed_header(dataset_dir, dataset_id)
     if header_path is not None:
         committed = load_header(header_path)
@@ -296,11 +315,16 @@ def _window_transform(window: Window, transform: Affine) -> Affine:
 
 
 def _copy_tile(
-    src: rasterio.DatasetReader, window: Window, dst: Path, modality: Modality, sharding: Sharding
-) -> set[int]:
+    src: rasterio.DatasetReader,
+    window: Window,
+    dst: Path,
+    modality: Modality,
+    sharding: Sharding,
+    rule: PixelRule | None = None,
+) -> tuple[set[int], int]:
     """Stream ``window`` of src into dst verbatim (every band, source dtype, CRS, nodata, its own mask band; the
-    window's transform); returns the distinct values seen (targets). The tile is read back before it counts
-    as written."""
+    window's transform); returns the distinct values seen (targets) and, given an input's ``rule``, its count of
+    valid pixels (0 without), strip by strip. The tile is read back before it counts as written."""
     profile = {
         "driver": "GTiff",
         "width": window.width,
@@ -316,19 +340,25 @@ def _copy_tile(
         profile["compress"] = src.compression.value
     mask_band = has_mask_band(src)
     values: set[int] = set()
+    valid_pixels = 0
     try:
         with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(dst, "w", **profile) as out:
             out.colorinterp = src.colorinterp
             for strip, tile_strip, block in _window_strips(src, window):
                 out.write(block, window=tile_strip)
-                if mask_band:
-                    out.write_mask(src.read_masks(1, window=strip), window=tile_strip)
+                mask = src.read_masks(1, window=strip) if mask_band else None
+                if mask is not None:
+                    out.write_mask(mask, window=tile_strip)
                 if modality.role == "target":
                     values |= distinct_values(block)
+                if rule is not None:
+                    raw = block[np.array(rule.indexes) - 1]
+                    valid = rule.valid_mask(raw, src.nodata, None if mask is None else mask > 0)
+                    valid_pixels += raw.shape[1] * raw.shape[2] if valid is None else int(np.count_nonzero(valid))
     except RasterioError as exc:
         raise OSError(f"{dst}: cannot write the tile (disk full?): {exc}") from None
     verify_raster(dst, full=False)
-    return values
+    return values, valid_pixels
 
 
 def _sha256(path: Path) -> str:
@@ -347,11 +377,13 @@ def _write_item(task: _TileTask, header: DatasetHeader, infer: bool, sample_size
         col, row, width, height = chip.window or (0, 0, opened.input.width, opened.input.height)
         window = Window(col, row, width, height)
         written = [task.shard_dir / tile_relpath(INPUTS_DIR, chip.item_id)]
-        _copy_tile(opened.input, window, written[0], header.input, header.sharding)
+        rule = inferred_rule(opened.input_facts) if infer else header.pixel_rule
+        _, valid_pixels = _copy_tile(opened.input, window, written[0], header.input, header.sharding, rule)
         labels: tuple[int, ...] = ()
         if opened.target is not None:
             written.append(task.shard_dir / tile_relpath(TARGETS_DIR, chip.item_id))
-            labels = tuple(sorted(_copy_tile(opened.target, window, written[1], header.target, header.sharding)))
+            values, _ = _copy_tile(opened.target, window, written[1], header.target, header.sharding)
+            labels = tuple(sorted(values))
             check_label_values(item.target_path, labels, header.target)
     sample = None
     if infer:
@@ -369,6 +401,7 @@ def _write_item(task: _TileTask, header: DatasetHeader, infer: bool, sample_size
         size,
         value_sample=sample,
         sha256=tuple(_sha256(path) for path in written),
+        valid_pixels=valid_pixels,
     )
 
 
@@ -392,6 +425,7 @@ def _write_shards(plan: ShardPlan, out_dir: Path, pool: ItemPool) -> tuple[Datas
     write = partial(_write_item, header=plan.header, infer=infer, sample_size=sample_size_for(len(plan.chips)))
     facts = pool.map(write, tasks)
     check_consistency(facts, infer)
+    check_valid_pixels(plan.header.dataset_id, facts)
     header = complete_header(plan.header, facts) if infer else plan.header
     header = describe_data(header, plan.dataset_dir, facts)
     facts_of = {f.item_id: f for f in facts}
@@ -446,6 +480,29 @@ def _recover(processed_root: Path, dataset_id: str) -> None:
             shutil.rmtree(building, ignore_errors=True)
 
 
+def _build_place(final: Path, dataset_dir: Path) -> Path:
+    """Where a build is swapped in: ``final``, or the folder it leads to when it is a link (so the link stays a
+    link and the rename stays on one file system). Refused, as a build would replace what is not a build: a
+    place overlapping the raw dataset folder, a file, a non-empty folder without a manifest."""
+    place = Path(os.path.realpath(final)) if final.is_symlink() else final
+    leads = f" (a link to {place})" if place != final else ""
+    require_utf8(place, "processed dataset folder")
+    raw = dataset_root_of(dataset_dir)
+    real = Path(os.path.realpath(place))
+    if real.is_relative_to(raw) or raw.is_relative_to(real):
+        raise DatasetError(f"{final}{leads}: processed dataset folder overlaps the raw dataset folder {raw}")
+    if not place.parent.is_dir():
+        raise DatasetError(f"{final}{leads}: the folder {place.parent} to build in does not exist")
+    if place.exists() and not place.is_dir():
+        raise DatasetError(f"{final}{leads}: exists and is not a folder; move it away or choose another processed root")
+    if place.is_dir() and not (place / MANIFEST_FILENAME).is_file() and any(place.iterdir()):
+        raise DatasetError(
+            f"{final}{leads}: exists and is not a shard build (no {MANIFEST_FILENAME}); move it away or choose "
+            "another processed root"
+        )
+    return place
+
+
 def _swap_in(new_dir: Path, final: Path) -> None:
     aside = None
     if final.exists():
@@ -497,10 +554,12 @@ def build_shards(
     """
     started = time.perf_counter()
     processed_root = Path(processed_root)
+    require_utf8(processed_root, "processed root")
     plan = plan_shards(extracted_root, dataset_id, seed=seed, shard_size=shard_size, header_path=header_path)
     processed_root.mkdir(parents=True, exist_ok=True)
-    _recover(processed_root, dataset_id)
     final = processed_root / dataset_id
+    place = _build_place(final, plan.dataset_dir)
+    _recover(place.parent, place.name)
     if final.exists() and not overwrite:
         existing = _read_manifest_file(final / MANIFEST_FILENAME)
         if existing.get("build_key") != build_key(plan, dataset_content_hash(plan.dataset_dir)):
@@ -509,7 +568,7 @@ def build_shards(
                 "pass overwrite=True (--overwrite) to replace it"
             )
         return _report(existing, final / MANIFEST_FILENAME, time.perf_counter() - started, reused=True)
-    out_dir = processed_root / f".{dataset_id}.building-{os.getpid()}-{secrets.token_hex(4)}"
+    out_dir = place.parent / f".{place.name}.building-{os.getpid()}-{secrets.token_hex(4)}"
     out_dir.mkdir()
     try:
         with ItemPool(workers, len(plan.chips)) as pool:
@@ -520,7 +579,7 @@ def build_shards(
         dump_header(header, out_dir / HEADER_FILENAME)
         # The manifest is written last: a folder with a manifest is a complete build.
         (out_dir / MANIFEST_FILENAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_in(out_dir, final)
+        _swap_in(out_dir, place)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
@@ -561,6 +620,8 @@ def _read_manifest_file(path: Path) -> dict:
         raise DatasetError(f"{path}: no manifest (shards not built, or a build did not finish)") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}:{exc.lineno}: manifest is not valid JSON: {exc.msg}") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: manifest is not UTF-8 text (corrupt?)") from None
     if not isinstance(manifest, dict) or manifest.get("layout_version") != LAYOUT_VERSION:
         raise DatasetError(f"{path}: layout_version: expected {LAYOUT_VERSION}")
     return manifest
@@ -643,19 +704,49 @@ def _parse_index_line(shard_dir: Path, line: str, where: str) -> IndexEntry:
     )
 
 
-def read_index(shard_dir: str | Path) -> list[IndexEntry]:
-    """Parse a shard's index.jsonl; rejects absolute or escaping paths, naming file and line."""
-    shard_dir = Path(shard_dir)
+def _index_lines(shard_dir: Path) -> list[tuple[str, IndexEntry]]:
+    """``(<index file>:<line>, entry)`` for each line of a shard's index.jsonl, paths checked (see read_index)."""
     index = shard_dir / INDEX_FILENAME
     try:
         lines = index.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise DatasetError(f"{index}: missing shard index") from None
-    return [
-        _parse_index_line(shard_dir, line, f"{index}:{number}")
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
-    ]
+    except UnicodeDecodeError:
+        raise DatasetError(f"{index}: not UTF-8 text (corrupt?)") from None
+    found = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{index}:{number}"
+            found.append((where, _parse_index_line(shard_dir, line, where)))
+    return found
+
+
+def _repeat(first_at: dict[tuple[str, str], str], where: str, shard_dir: Path, entry: IndexEntry) -> str | None:
+    """The problem if the entry's item, or its input tile, was listed before (``first_at``: what was listed ->
+    where), else None, noting it. A repeat would be trained on and scored twice."""
+    for key, what in (
+        (("item", entry.item_id), f"item {entry.item_id!r}"),
+        (("tile", str(shard_dir / entry.input)), f"item {entry.item_id!r}: tile {entry.input!r}"),
+    ):
+        first = first_at.setdefault(key, where)
+        if first != where:
+            return f"{where}: {what} is listed again, first at {first} (an item is listed once)"
+    return None
+
+
+def _read_index(shard_dir: Path, first_at: dict[tuple[str, str], str]) -> list[IndexEntry]:
+    entries = []
+    for where, entry in _index_lines(shard_dir):
+        if (problem := _repeat(first_at, where, shard_dir, entry)) is not None:
+            raise DatasetError(problem)
+        entries.append(entry)
+    return entries
+
+
+def read_index(shard_dir: str | Path) -> list[IndexEntry]:
+    """Parse a shard's index.jsonl; rejects absolute or escaping paths and an item or tile listed twice, naming
+    file and line."""
+    return _read_index(Path(shard_dir), {})
 
 
 def shard_dirs(processed_root: str | Path, dataset_id: str, split: str) -> list[Path]:
@@ -666,8 +757,11 @@ def shard_dirs(processed_root: str | Path, dataset_id: str, split: str) -> list[
 
 
 def iter_split_items(processed_root: str | Path, dataset_id: str, split: str) -> Iterator[tuple[Path, IndexEntry]]:
+    """(shard directory, entry) for every item of a split, as ``read_index`` reads them; an item listed in two
+    shards of the split is refused too, naming both places."""
+    first_at: dict[tuple[str, str], str] = {}
     for shard_dir in shard_dirs(processed_root, dataset_id, split):
-        for entry in read_index(shard_dir):
+        for entry in _read_index(shard_dir, first_at):
             yield shard_dir, entry
 
 
@@ -757,7 +851,8 @@ def source_problems(source: str, entries: Sequence[IndexEntry], size: tuple[int,
 
 def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
     """Problems with a built dataset (empty list = sound): manifest and index readable, every index path
-    inside its shard, every item in exactly one split, every source raster's chips in one split and tiling
+    inside its shard, every item and tile listed once (a repeat named by index file and line), every item in
+    exactly one split, every source raster's chips in one split and tiling
     their bounding box, the assignment of sources equal to the split rule's, source and tile counts equal to
     the manifest's, every tile's bytes equal to the checksum the build recorded, every input opening with the
     bands the header reads (a chip with its window's size) and every target with its input's shape."""
@@ -769,19 +864,20 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     seen: dict[str, IndexEntry] = {}
+    first_at: dict[tuple[str, str], str] = {}
     for split in SPLITS:
         for shard_dir in shard_dirs(processed_root, dataset_id, split):
             try:
-                entries = read_index(shard_dir)
+                lines = _index_lines(shard_dir)
             except DatasetError as exc:
                 problems.append(str(exc))
                 continue
-            for entry in entries:
+            for where, entry in lines:
                 if entry.split != split or entry.dataset_id != dataset_id:
-                    problems.append(f"{shard_dir}: item {entry.item_id!r} is labelled {entry.dataset_id}/{entry.split}")
-                if entry.item_id in seen:
-                    other = seen[entry.item_id].split
-                    problems.append(f"{shard_dir}: item {entry.item_id!r} is also in split {other!r}")
+                    problems.append(f"{where}: item {entry.item_id!r} is labelled {entry.dataset_id}/{entry.split}")
+                if (repeat := _repeat(first_at, where, shard_dir, entry)) is not None:
+                    problems.append(repeat)
+                    continue  # the rest is about its first listing
                 seen[entry.item_id] = entry
                 problems += tile_problems(shard_dir, entry, header)
     of_source = entries_by_source(seen.values())
@@ -814,7 +910,12 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="segpipe-shards", description="Build processed shards (layout v0).")
+    """The command line: a bad input is one line ``segpipe-shards: error: ...`` on stderr and exit 2."""
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description="Build processed shards (layout v0).")
     parser.add_argument("--extracted-root", required=True, type=Path)
     parser.add_argument("--processed-root", required=True, type=Path)
     parser.add_argument("--dataset-id", help="one dataset (default: every sub-folder of the extracted root)")
@@ -824,7 +925,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the planned split counts; write nothing")
     parser.add_argument("--workers", type=int, help="processes writing tiles (default: CPU count)")
     args = parser.parse_args(argv)
-    try:
+    # Inside an Env, GDAL's errors (a truncated TIFF's) reach rasterio, which raises them, instead of being
+    # printed on stderr beside the one line naming the file.
+    with rasterio.Env():
         ids = [args.dataset_id] if args.dataset_id else discover_datasets(args.extracted_root)
         for dataset_id in ids:
             if args.dry_run:
@@ -850,9 +953,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=args.workers,
             )
             print(json.dumps(report.to_dict()))
-    except (DatasetError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

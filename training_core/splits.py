@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-from training_core.datasets.discovery import DatasetItem
+from training_core.datasets.discovery import DatasetItem, dataset_root_of, resolve_inside
 from training_core.datasets.errors import DatasetError
 from training_core.datasets.schema import DatasetHeader
 
@@ -92,12 +92,11 @@ def read_pinned_splits(
     """
     pinned: dict[str, str] = {}
     pinned_at: dict[str, str] = {}
-    root = Path(dataset_dir).resolve()
+    root = dataset_root_of(dataset_dir)
     known = {item.item_id for item in items}
     for split, rel in (header.splits.manifest_files or {}).items():
         path = Path(dataset_dir) / rel
-        if not path.resolve().is_relative_to(root):
-            raise DatasetError(f"{path}: splits.manifest_files.{split}: resolves outside the dataset folder {root}")
+        resolve_inside(path, root, f"splits.manifest_files.{split}")
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:

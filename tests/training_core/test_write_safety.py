@@ -1,6 +1,6 @@
 """Writes that fail (a full disk, simulated by a file-size limit) never replace a good output and say so in one
-line; outputs get ordinary permissions; links are followed by the content hash, so a data version covers
-the bytes the readers read."""
+line; outputs get ordinary permissions; links inside the dataset folder are followed by the content hash, so
+a data version covers the bytes the readers read, and a link leading out of it is refused, never read."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import rasterio
 
 from training_core.atomic import atomic_write_text
 from training_core.datasets.discovery import dataset_content_hash
+from training_core.datasets.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.shards import build_shards
@@ -58,7 +59,7 @@ def test_shard_build_on_a_full_disk_keeps_the_previous_build(kampala_copy: Path,
     result = run_limited("from training_core.shards import main; sys.exit(main())", argv, limit=100_000)
     assert result.returncode == 2
     # libtiff prints its own "File too large" lines; the project's message is the one `error:` line.
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("segpipe-shards: error: ")]
     assert "cannot write the tile (disk full?)" in line and ".tif" in line and "Traceback" not in result.stderr
     assert tree(processed) == before
     assert sorted(p.name for p in processed.iterdir()) == [KAMPALA]  # no staging folder left
@@ -101,33 +102,49 @@ def test_outputs_are_readable_by_others_under_the_umask(kampala_copy: Path, tmp_
     assert header.stat().st_mode & 0o777 == 0o644 and report.stat().st_mode & 0o777 == 0o644
 
 
-def test_content_hash_follows_a_linked_source_root_and_linked_files(kampala_copy: Path, tmp_path: Path) -> None:
-    """Changed pixels behind a link change the data version, so a rebuild is not reused with stale pixels."""
-    storage = tmp_path / "storage"
-    shutil.move(kampala_copy / KAMPALA, storage)
+def test_content_hash_follows_links_inside_the_dataset_folder(kampala_copy: Path, tmp_path: Path) -> None:
+    """A dataset folder that is a link, a linked image folder and linked masks, all resolving inside it: changed
+    pixels behind a link change the data version, so a rebuild is not reused with stale pixels."""
+    storage = tmp_path / "storage" / KAMPALA
+    shutil.move(kampala_copy / KAMPALA, storage / "raw")
     dataset = kampala_copy / KAMPALA
-    dataset.mkdir()
-    (dataset / "images").symlink_to(storage / "images", target_is_directory=True)
+    dataset.symlink_to(storage, target_is_directory=True)
+    (dataset / "images").symlink_to(storage / "raw" / "images", target_is_directory=True)
     (dataset / "masks").mkdir()
-    for mask in sorted((storage / "masks").iterdir()):
+    for mask in sorted((storage / "raw" / "masks").iterdir()):
         (dataset / "masks" / mask.name).symlink_to(mask)
     processed = tmp_path / "processed"
     first = build_shards(kampala_copy, processed, KAMPALA, workers=1)
     assert first.n_items == 48 and first.n_labeled == 16
     version = dataset_content_hash(dataset)
 
-    image = sorted((storage / "images").iterdir())[0]
+    image = sorted((storage / "raw" / "images").iterdir())[0]
     with rasterio.open(image, "r+") as dst:
         dst.write(np.zeros((3, 4, 4), np.uint8), window=((0, 4), (0, 4)))
     assert dataset_content_hash(dataset) != version
     with pytest.raises(Exception, match="build_key differs"):
         build_shards(kampala_copy, processed, KAMPALA, workers=1)
 
-    mask = sorted((storage / "masks").iterdir())[0]
+    mask = sorted((storage / "raw" / "masks").iterdir())[0]
     version = dataset_content_hash(dataset)
     with rasterio.open(mask, "r+") as dst:
         dst.write(np.zeros((1, 4, 4), np.uint8), window=((0, 4), (0, 4)))
     assert dataset_content_hash(dataset) != version
+
+
+def test_a_link_leading_out_of_the_dataset_is_refused_and_left_out_of_the_hash(
+    kampala_copy: Path, tmp_path: Path
+) -> None:
+    dataset = kampala_copy / KAMPALA
+    version = dataset_content_hash(dataset)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("not the dataset's")
+    (dataset / "notes.txt").symlink_to(outside / "notes.txt")
+    assert dataset_content_hash(dataset) == version  # not read
+    leads_out = rf"{KAMPALA}/notes.txt: link: leads to {outside}/notes.txt, outside the dataset folder {dataset}"
+    with pytest.raises(DatasetError, match=leads_out):
+        extract_header(dataset, workers=1)
 
 
 def test_a_link_cycle_is_walked_once(kampala_copy: Path) -> None:

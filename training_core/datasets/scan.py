@@ -15,6 +15,16 @@ selected bands (seed: ``splits.seed``), at most ``VALUE_SAMPLE_TOTAL`` values ov
 written into the header, so it is part of the data version, not a guess made again by every run.
 
 Every file is read whole (in bounded strips), so a truncated or corrupt raster fails here, named.
+
+Valid pixels (the pixel rule's validity: not nodata, not masked, alpha not 0) are counted strip by strip, so
+memory does not grow with the data. A dataset with none is refused, named: it would train with every loss 0.
+An input file with none is refused too, naming the file, rather than skipped: skipping would silently change
+the items, split counts and data version the header and the shards record; the user removes the file or
+corrects its nodata, alpha or mask.
+
+Every file the scan reads (rasters, masks, the licence file, a committed header, ``splits.manifest_files``)
+must resolve inside the dataset folder (links are followed; the dataset folder is resolved first, so it may
+itself be a link): a link leading out is refused with one line naming the file and where it leads, unread.
 """
 
 from __future__ import annotations
@@ -33,7 +43,14 @@ import numpy as np
 import rasterio
 
 from runtime_export.pixels import PixelRule, infer_bands
-from training_core.datasets.discovery import DatasetItem, discover_items, tiff_files
+from training_core.datasets.discovery import (
+    DatasetItem,
+    dataset_root_of,
+    discover_items,
+    require_utf8,
+    resolve_inside,
+    tiff_files,
+)
 from training_core.datasets.errors import DatasetError
 from training_core.datasets.rasters import (
     RasterFacts,
@@ -53,6 +70,7 @@ from training_core.datasets.schema import (
     header_from_dict,
     load_header,
 )
+from training_core.splits import read_pinned_splits
 
 INPUT_FOLDER, TARGET_FOLDER = "images", "masks"
 INPUT_MODALITY, TARGET_MODALITY = "rgb", "labels"
@@ -76,6 +94,7 @@ class ItemFacts:
     bytes_written: int = 0
     value_sample: np.ndarray | None = None  # inference of non-uint8 inputs: valid values of the R, G, B bands
     sha256: tuple[str, ...] = ()  # of the tiles a shard build wrote (input, then target)
+    valid_pixels: int = 0  # input pixels the pixel rule counts valid (a chip's, in a shard build)
 
 
 @dataclass
@@ -135,45 +154,62 @@ def sample_size_for(n_items: int) -> int:
     return min(high, max(low, VALUE_SAMPLE_TOTAL // max(1, n_items)))
 
 
+def inferred_rule(facts: RasterFacts) -> PixelRule:
+    """Under inference, the rule an input is read with: the bands its colour interpretation names, the file's
+    own nodata (what the inferred header will say)."""
+    bands, alpha = infer_bands(facts.colorinterp)
+    return PixelRule(bands=tuple(bands), alpha_band=alpha)
+
+
 def inferred_value_sample(opened: OpenItem, seed: int, sample_size: int) -> np.ndarray | None:
     """Under inference, a non-uint8 input's value sample (bands from its colour interpretation); else None."""
     if opened.input_facts.dtype == "uint8":
         return None
-    bands, alpha = infer_bands(opened.input_facts.colorinterp)
-    rule = PixelRule(bands=tuple(bands), alpha_band=alpha)
-    return value_sample(opened.input, rule, opened.item.item_id, seed, sample_size)
+    _, sample = input_pass(opened.input, inferred_rule(opened.input_facts), opened.item.item_id, seed, sample_size)
+    return sample
 
 
-def value_sample(src: rasterio.DatasetReader, rule: PixelRule, item_id: str, seed: int, size: int) -> np.ndarray:
-    """A seeded sample of about ``size`` valid values of the rule's R, G, B bands, drawn strip by strip."""
+def input_pass(
+    src: rasterio.DatasetReader, rule: PixelRule, item_id: str, seed: int, sample_size: int
+) -> tuple[int, np.ndarray | None]:
+    """One read of every strip of an input: its count of valid pixels and, for ``sample_size`` > 0, a seeded
+    sample of about that many valid values of the rule's R, G, B bands (None for 0)."""
     rng = np.random.default_rng([seed, zlib.crc32(item_id.encode())])
     picked = []
     indexes = np.array(rule.indexes) - 1
     mask_band = has_mask_band(src)
     total = src.width * src.height
+    valid_pixels = 0
     for window, block in read_blocks(src):
         raw = block[indexes]
         mask = src.read_masks(1, window=window) > 0 if mask_band else None
         valid = rule.valid_mask(raw, src.nodata, mask)
+        valid_pixels += raw.shape[1] * raw.shape[2] if valid is None else int(np.count_nonzero(valid))
+        if not sample_size:
+            continue
         values = raw[:3].reshape(3, -1) if valid is None else raw[:3][:, valid]
-        want = min(values.shape[1], round(size * block.shape[1] * block.shape[2] / total))
+        want = min(values.shape[1], round(sample_size * block.shape[1] * block.shape[2] / total))
         if want:
             picked.append(values[:, rng.choice(values.shape[1], want, replace=False)].ravel())
-    return np.concatenate(picked) if picked else np.empty(0, dtype=src.dtypes[0])
+    if not sample_size:
+        return valid_pixels, None
+    return valid_pixels, np.concatenate(picked) if picked else np.empty(0, dtype=src.dtypes[0])
 
 
 def scan_item(item: DatasetItem, header: DatasetHeader, infer: bool = False, sample_size: int = 0) -> ItemFacts:
-    """Open and read every pixel of one item, checking it against the header (or inferring, see open_item)."""
+    """Open and read every pixel of one item, checking it against the header (or inferring, see open_item);
+    counts its valid input pixels and, inferring a non-uint8 input, draws its value sample in the same read."""
     with open_item(item, header, infer) as opened:
-        sample = inferred_value_sample(opened, header.splits.seed, sample_size) if infer else None
-        if sample is None:
-            for _ in read_blocks(opened.input):
-                pass
+        rule = inferred_rule(opened.input_facts) if infer else header.pixel_rule
+        sampled = infer and opened.input_facts.dtype != "uint8"
+        valid, sample = input_pass(opened.input, rule, item.item_id, header.splits.seed, sample_size if sampled else 0)
         labels: tuple[int, ...] = ()
         if opened.target is not None:
             labels = label_values_of(read_blocks(opened.target))
             check_label_values(item.target_path, labels, header.target)
-        return ItemFacts(item.item_id, opened.input_facts, opened.target_facts, labels, value_sample=sample)
+        return ItemFacts(
+            item.item_id, opened.input_facts, opened.target_facts, labels, value_sample=sample, valid_pixels=valid
+        )
 
 
 def default_workers() -> int:
@@ -220,6 +256,7 @@ def scan_items(
     with ItemPool(workers, len(items)) as pool:
         facts = pool.map(partial(scan_item, header=header, infer=infer, sample_size=sample_size), items)
     check_consistency(facts, infer)
+    check_valid_pixels(header.dataset_id, facts)
     return facts
 
 
@@ -254,17 +291,39 @@ def check_consistency(facts: Sequence[ItemFacts], infer: bool = False) -> None:
             )
 
 
+def check_valid_pixels(dataset_id: str, facts: Sequence[ItemFacts]) -> None:
+    """Refuse a dataset without a valid input pixel (naming it), then an input file without one (naming it);
+    chips of one source count together (see the module docstring)."""
+    per_file: dict[Path, int] = {}
+    for fact in facts:
+        per_file[fact.input.path] = per_file.get(fact.input.path, 0) + fact.valid_pixels
+    if not any(per_file.values()):
+        raise DatasetError(
+            f"dataset {dataset_id!r}: no valid input pixel in any of its {len(per_file)} files "
+            "(every pixel is nodata, masked or alpha 0): nothing to train on"
+        )
+    empty = [path for path, count in per_file.items() if count == 0]
+    if empty:
+        more = f" ({len(empty) - 1} more input files like it)" if len(empty) > 1 else ""
+        raise DatasetError(
+            f"{empty[0]}: no valid pixel (every pixel is nodata, masked or alpha 0){more}: remove the file or "
+            "correct its nodata, alpha band or mask"
+        )
+
+
 # --------------------------------------------------------------------------------------------- inference
 
 
 def _layout_pattern(dataset_dir: Path, folder: str) -> tuple[str, list[str]]:
     """`images/*.tif` or `images/{split}/*.tif` with the raw split names found."""
     base = dataset_dir / folder
-    direct = [PurePosixPath(rel) for rel in tiff_files(base) if "/" not in rel]
-    nested = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and tiff_files(p))
+    direct = [PurePosixPath(rel) for rel in tiff_files(base, dataset_dir) if "/" not in rel]
+    nested = sorted(
+        p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".") and tiff_files(p, dataset_dir)
+    )
     if direct and nested:
         raise DatasetError(f"{base}: holds both GeoTIFFs and raw-split sub-folders {nested}; use one layout")
-    files = direct or [PurePosixPath(rel) for name in nested for rel in tiff_files(base / name)]
+    files = direct or [PurePosixPath(rel) for name in nested for rel in tiff_files(base / name, dataset_dir)]
     suffix = "*.tif" if all(p.name.lower().endswith(".tif") for p in files) else "*"
     return (f"{folder}/{{split}}/{suffix}", nested) if nested else (f"{folder}/{suffix}", [])
 
@@ -341,10 +400,12 @@ def complete_header(layout: DatasetHeader, facts: Sequence[ItemFacts]) -> Datase
 def read_licence(dataset_dir: Path) -> str | None:
     """The first non-empty line of the dataset folder's licence file, capped at ``LICENCE_MAX_CHARS``; None
     without such a file or line. Any bytes are taken: undecodable ones read as U+FFFD, control
-    characters are dropped, so a stray binary file never stops an extraction."""
+    characters are dropped, so a stray binary file never stops an extraction. A licence file leading outside
+    the dataset folder is refused unread: its first line would be printed and shipped in meta.json."""
     path = next((dataset_dir / name for name in LICENCE_FILES if (dataset_dir / name).is_file()), None)
     if path is None:
         return None
+    resolve_inside(path, dataset_root_of(dataset_dir), "licence file")
     try:
         with path.open("rb") as handle:
             text = handle.read(LICENCE_READ_BYTES).decode("utf-8", errors="replace")
@@ -382,6 +443,7 @@ def load_committed_header(dataset_dir: Path, dataset_id: str | None) -> DatasetH
     path = committed_header_path(dataset_dir)
     if path is None:
         return None
+    resolve_inside(path, dataset_root_of(dataset_dir), "committed header")
     header = load_header(path)
     expected = dataset_id or dataset_dir.name
     if header.dataset_id != expected:
@@ -409,11 +471,14 @@ class DatasetScan:
 
 def scan_dataset(dataset_dir: str | Path, dataset_id: str | None = None, workers: int | None = None) -> DatasetScan:
     """Read every file once: validated against the committed header if there is one, else used to infer it;
-    either way the descriptive fields the header leaves out are filled (``describe_data``)."""
+    either way the descriptive fields the header leaves out are filled (``describe_data``). The header's
+    ``splits.manifest_files`` are read and checked too, so a bad pin list stops here, not at the shard build."""
     dataset_dir = Path(dataset_dir)
+    require_utf8(dataset_dir, "dataset folder")
     committed = load_committed_header(dataset_dir, dataset_id)
     header = committed or layout_header(dataset_dir, dataset_id)
     items = discover_items(dataset_dir, header)
+    read_pinned_splits(dataset_dir, header, items)
     facts = scan_items(items, header, workers, infer=committed is None)
     if committed is None:
         header = complete_header(header, facts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal
@@ -75,6 +76,15 @@ class Modality(_Strict):
         if pattern.count("{split}") > 1 or re.search(r"\{(?!split\})", pattern):
             raise ValueError(f"pattern {pattern!r}: only one `{{split}}` placeholder is allowed")
         return pattern
+
+    @field_validator("value_range")
+    @classmethod
+    def _value_range_is_a_scale(cls, value_range: tuple[float, float] | None) -> tuple[float, float] | None:
+        # An infinite or NaN bound maps every value to 0 or NaN, and lo >= hi has no scale: both train silently
+        # on constant pixels, so they are refused here, naming the field.
+        if value_range is not None and not (all(map(math.isfinite, value_range)) and value_range[0] < value_range[1]):
+            raise ValueError(f"value_range {list(value_range)}: need [lo, hi], two finite numbers with lo below hi")
+        return value_range
 
     @model_validator(mode="after")
     def _input_fields(self) -> Modality:
