@@ -27,7 +27,9 @@ MAX_PROB_DIFF = 2e-2
 def model_parity(
     runtime: RuntimeModel, model: SegmentationModel, tiles: Iterable[np.ndarray], ks: Iterable[int]
 ) -> dict[str, Any]:
-    """Label agreement and max probability difference per K over ``[3, H, W]`` uint8 tiles."""
+    """Label agreement and max probability difference per K over ``[3, H, W]`` uint8 tiles. A NaN or infinite
+    probability on either side fails the check (its difference counts as infinite): NaN compares as no
+    difference and arg-maxes to label 0 on both sides, which would otherwise pass as perfect agreement."""
     tiles = list(tiles)
     if not tiles:
         raise ValueError("parity needs at least one tile")
@@ -42,7 +44,8 @@ def model_parity(
             actual = runtime.forward(rgb, k).probs
             agree += int((expected.argmax(axis=0) == actual.argmax(axis=0)).sum())
             total += expected.shape[1] * expected.shape[2]
-            max_diff = max(max_diff, float(np.abs(expected - actual).max()))
+            finite = np.isfinite(expected).all() and np.isfinite(actual).all()
+            max_diff = max(max_diff, float(np.abs(expected - actual).max()) if finite else float("inf"))
         per_k[str(k)] = {"label_agreement": agree / total, "max_prob_diff": max_diff}
     min_agreement = min(row["label_agreement"] for row in per_k.values())
     max_prob_diff = max(row["max_prob_diff"] for row in per_k.values())

@@ -12,6 +12,7 @@ Scaling: uint8 sources without a ``value_range`` pass through unchanged. Any oth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,12 +32,16 @@ class PixelRule:
     value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.bands) != 3 or any(band < 1 for band in self.bands):
+        if len(self.bands) != 3 or not all(is_int(band) and band >= 1 for band in self.bands):
             raise ValueError(f"bands {self.bands}: need three 1-based band numbers (R, G, B)")
-        if self.alpha_band is not None and (self.alpha_band < 1 or self.alpha_band in self.bands):
-            raise ValueError(f"alpha_band {self.alpha_band}: must be a 1-based band that is not one of {self.bands}")
-        if self.value_range is not None and not self.value_range[0] < self.value_range[1]:
-            raise ValueError(f"value_range {self.value_range}: lo must be below hi")
+        if self.alpha_band is not None and not (
+            is_int(self.alpha_band) and self.alpha_band >= 1 and self.alpha_band not in self.bands
+        ):
+            raise ValueError(f"alpha_band {self.alpha_band!r}: must be a 1-based band that is not one of {self.bands}")
+        if self.nodata is not None and not is_number(self.nodata):  # NaN and infinities are float nodata values
+            raise ValueError(f"nodata {self.nodata!r}: must be a number or null")
+        if self.value_range is not None:
+            check_value_range(self.value_range)
 
     @property
     def indexes(self) -> tuple[int, ...]:
@@ -101,13 +106,38 @@ class PixelRule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PixelRule:
-        value_range = data.get("value_range")
+        """The inverse of ``to_dict``; a field of the wrong type or shape is a ValueError naming it."""
+        bands, value_range = data.get("bands", DEFAULT_BANDS), data.get("value_range")
+        if not isinstance(bands, list | tuple):
+            raise ValueError(f"bands {bands!r}: need three 1-based band numbers (R, G, B)")
+        if value_range is not None:
+            value_range = check_value_range(value_range)
         return cls(
-            bands=tuple(int(band) for band in data.get("bands", DEFAULT_BANDS)),
-            alpha_band=data.get("alpha_band"),
-            nodata=data.get("nodata"),
-            value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
+            bands=tuple(bands), alpha_band=data.get("alpha_band"), nodata=data.get("nodata"), value_range=value_range
         )
+
+
+def check_value_range(value_range: object) -> tuple[float, float]:
+    """``(lo, hi)`` as floats, or a ValueError: two finite numbers, lo below hi (an infinite or NaN bound scales
+    every value to 0 or NaN, and lo >= hi has no scale at all)."""
+    if not (
+        isinstance(value_range, list | tuple)
+        and len(value_range) == 2
+        and all(is_number(bound) and math.isfinite(bound) for bound in value_range)
+        and value_range[0] < value_range[1]
+    ):
+        raise ValueError(f"value_range {value_range!r}: need [lo, hi], two finite numbers with lo below hi")
+    return float(value_range[0]), float(value_range[1])
+
+
+def is_number(value: object) -> bool:
+    """An int or float, numpy's included; a bool is not a number here (JSON ``true`` is not ``1``)."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+
+
+def is_int(value: object) -> bool:
+    """An int, numpy's included, not a bool."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
 
 
 def infer_bands(colorinterp: Sequence[str]) -> tuple[list[int], int | None]:

@@ -21,6 +21,8 @@ DEFAULT_MAX_FIT_CELLS = 65_536
 
 def lattice_step(total_cells: int, max_fit_cells: int = DEFAULT_MAX_FIT_CELLS) -> int:
     """The lattice spacing, in cells, that keeps at most about ``max_fit_cells`` of ``total_cells``."""
+    if max_fit_cells < 1:
+        raise ValueError(f"max fit cells {max_fit_cells}: the prototypes need at least one cell to be fitted on")
     return max(1, math.ceil(math.sqrt(total_cells / max_fit_cells)))
 
 

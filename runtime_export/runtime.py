@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .pixels import PixelRule
+from .pixels import PixelRule, is_int, is_number
 
 RUNTIME_VERSION = "segpipe-numpy-runtime/3"  # 3: input_rules (multi-band and non-uint8 inputs)
 MODEL_FILENAME = "model.npz"
@@ -201,7 +202,7 @@ class RuntimeModel:
         self, embedding: Embedding, k: int, cluster_iters: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Soft k-means over one embedding set; returns (last assignment [N, K], prototypes [K, D'])."""
-        self._check_k(k)
+        self.check_k(k)
         iters = self.cluster_iters if cluster_iters is None else cluster_iters
         return soft_kmeans(embedding.embeddings, embedding.seed_logits[:, :k], iters, self.temperature)
 
@@ -230,7 +231,7 @@ class RuntimeModel:
         self, rgb: np.ndarray, k: int, cluster_iters: int | None = None, smooth_iters: int | None = None
     ) -> RuntimeOutput:
         """The model's forward pass on one ``[3, H, W]`` uint8 tile."""
-        self._check_k(k)
+        self.check_k(k)
         embedding = self.embed(rgb)
         assignment, prototypes = self.fit_prototypes(embedding, k, cluster_iters)
         low_res = self.low_res_from_assignment(assignment, embedding, smooth_iters)
@@ -241,36 +242,52 @@ class RuntimeModel:
 
     def predict_labels(self, rgb: np.ndarray, k: int) -> np.ndarray:
         """Cluster ids ``[H, W]`` (uint8) for one ``[3, H, W]`` uint8 tile: the arg-max of ``forward``'s probs."""
+        self.check_k(k)  # before the encoder's work
         embedding = self.embed(rgb)
         assignment, _ = self.fit_prototypes(embedding, k)
         return self.labels_from_assignment(assignment, embedding)
 
-    def _check_k(self, k: int) -> None:
-        if not 2 <= k <= self.max_k:
-            raise ValueError(f"k={k} is outside [2, max_k={self.max_k}]")
+    def check_k(self, k: int) -> None:
+        """A K this model cannot cluster into is a ValueError naming K and the model's range."""
+        if not is_int(k) or not 2 <= k <= self.max_k:
+            raise ValueError(f"k={k!r} is outside the model's k_range [2, {self.max_k}] (2 to its max_k)")
 
 
 # -- loading -------------------------------------------------------------------------------------
 
 
 def load_runtime_model(artifact_dir: str | Path) -> RuntimeModel:
-    """Load ``model.npz`` + ``meta.json`` from an artifact directory, checking version, keys, shapes, dtypes."""
+    """Load ``model.npz`` + ``meta.json`` from an artifact directory, checking version, keys, types, shapes, dtypes
+    and values (finite numbers, positive input std): an ``ArtifactError`` naming the file, the key and the problem."""
     artifact_dir = Path(artifact_dir)
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"{artifact_dir}: no such folder (an artifact holds {META_FILENAME} and {MODEL_FILENAME})")
     meta = read_meta(artifact_dir / META_FILENAME)
     arrays = read_arrays(artifact_dir / MODEL_FILENAME, expected_array_shapes(meta["embed_dim"], meta["max_k"]))
     return RuntimeModel(meta, arrays)
 
 
+class _NonFinite:
+    """Stands in for JSON's non-standard NaN / Infinity / -Infinity while parsing, to name the key that holds one."""
+
+    def __init__(self, constant: str) -> None:
+        self.constant = constant
+
+
 def read_meta(path: Path) -> dict[str, Any]:
-    """``meta.json`` as a dict; a missing file or key, or another runtime version, is an ``ArtifactError``."""
+    """``meta.json`` as a dict; a missing file or key, another runtime version, a value of the wrong type or range,
+    or a NaN / Infinity anywhere is an ``ArtifactError`` naming the key."""
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (an artifact needs {META_FILENAME} and {MODEL_FILENAME})")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        meta = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_NonFinite)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key, value in _leaves(meta):
+        if isinstance(value, _NonFinite):
+            raise ArtifactError(f"{path}: {key} is {value.constant}, not a finite number")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise ArtifactError(f"{path}: missing keys {missing}")
@@ -278,21 +295,45 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise ArtifactError(
             f"{path}: runtime_version {meta['runtime_version']!r} does not match this runtime ({RUNTIME_VERSION!r})"
         )
-    if meta["stride"] != STRIDE:
+    if not is_int(meta["stride"]) or meta["stride"] != STRIDE:
         raise ArtifactError(f"{path}: stride {meta['stride']!r} is not supported (this runtime runs stride {STRIDE})")
-    if meta["smoothing"] not in ("fast", "learned", "none"):
+    if not isinstance(meta["smoothing"], str) or meta["smoothing"] not in ("fast", "learned", "none"):
         raise ArtifactError(f"{path}: smoothing {meta['smoothing']!r} is not one of fast|learned|none")
-    for key in ("max_k", "embed_dim", "cluster_iters", "smooth_iters"):
-        if not isinstance(meta[key], int) or isinstance(meta[key], bool) or meta[key] < 0:
-            raise ArtifactError(f"{path}: {key} must be a non-negative integer, got {meta[key]!r}")
+    # The least value each integer takes: K runs from 2, the encoder has at least one channel.
+    for key, least in (("max_k", 2), ("embed_dim", 1), ("cluster_iters", 0), ("smooth_iters", 0)):
+        if not is_int(meta[key]) or meta[key] < least:
+            raise ArtifactError(f"{path}: {key} must be an integer >= {least}, got {meta[key]!r}")
     for key in ("temperature", "input_scale"):
-        if not isinstance(meta[key], int | float) or meta[key] <= 0:
+        if not is_number(meta[key]) or meta[key] <= 0:
             raise ArtifactError(f"{path}: {key} must be a positive number, got {meta[key]!r}")
     for key in ("luminance_weight", "chroma_weight"):
-        if not isinstance(meta[key], int | float) or isinstance(meta[key], bool) or meta[key] < 0:
+        if not is_number(meta[key]) or meta[key] < 0:
             raise ArtifactError(f"{path}: {key} must be a non-negative number, got {meta[key]!r}")
+    for key, positive in (("input_mean", False), ("input_std", True)):
+        value = meta[key]
+        if not (isinstance(value, list) and len(value) == 3 and all(is_number(v) for v in value)):
+            raise ArtifactError(f"{path}: {key} must be a list of 3 numbers (R, G, B), got {value!r}")
+        if positive and min(value) <= 0:
+            raise ArtifactError(f"{path}: {key} must be positive (pixels are divided by it), got {value!r}")
+    refine = meta["supports_learned_refine"]
+    if not isinstance(refine, bool):
+        raise ArtifactError(f"{path}: supports_learned_refine must be true or false, got {refine!r}")
+    if not isinstance(meta.get("lineage", {}), dict):
+        raise ArtifactError(f"{path}: lineage must be an object, got {type(meta['lineage']).__name__}")
     _check_input_rules(path, meta["input_rules"])
     return meta
+
+
+def _leaves(value: object, key: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every non-container value inside parsed JSON (``training_data.x.crs``, ``k_range[1]``)."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, f"{key}[{index}]")
+    else:
+        yield key, value
 
 
 def _check_input_rules(path: Path, rules: object) -> None:
@@ -316,7 +357,8 @@ def select_input_rule(
 ) -> PixelRule | None:
     """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it).
 
-    - ``dataset_id`` given: that dataset's rule (an ``ArtifactError`` lists the known ids if absent);
+    - ``dataset_id`` given: that dataset's rule (an ``ArtifactError`` lists the known ids if absent; a
+      ``ValueError`` names both dtypes if the dataset's is not ``dtype``);
     - else the rules recorded for inputs of the same dtype: one distinct rule is used;
     - none for ``uint8`` (or for any dtype when the caller brings ``own_value_range``): None, meaning
       "no rule of the model's: take R, G, B (and alpha) from the file's colour interpretation";
@@ -328,6 +370,12 @@ def select_input_rule(
         if dataset_id not in rules:
             known = sorted(rules)
             raise ArtifactError(f"dataset {dataset_id!r}: the model records no input rule for it (known: {known})")
+        rule_dtype = rules[dataset_id]["dtype"]
+        if rule_dtype != dtype:  # another dtype's scaling would make the pixels near black or white
+            raise ValueError(
+                f"dataset {dataset_id!r}: its input rule is for {rule_dtype} data, the file is {dtype}: "
+                f"choose a dataset of {dtype} data, or none"
+            )
         return PixelRule.from_dict(rules[dataset_id])
     matching: dict[PixelRule, list[str]] = {}
     for name, entry in sorted(rules.items()):
@@ -350,34 +398,39 @@ def select_input_rule(
 
 
 def read_arrays(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """The arrays of ``model.npz`` (no pickles), each float32 with exactly the expected shape."""
+    """The arrays of ``model.npz`` (no pickles), each float32 with exactly the expected shape and finite values;
+    ``input_std`` positive (pixels are divided by it)."""
     if not path.is_file():
         raise ArtifactError(f"{path}: missing (an artifact needs {META_FILENAME} and {MODEL_FILENAME})")
     arrays: dict[str, np.ndarray] = {}
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:  # not a zip: numpy would fall back to (refused) pickle
+    # Not a zip: numpy falls back to (refused) pickle; a cut zip has no central directory.
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{path}: not a readable npz archive ({exc})") from exc
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ArtifactError(f"{path}: expected an npz archive of named arrays, got a single array")
-    try:
-        with npz:
-            missing = sorted(set(shapes) - set(npz.files))
-            unexpected = sorted(set(npz.files) - set(shapes))
-            if missing or unexpected:
-                raise ArtifactError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
-            for key, shape in shapes.items():
-                try:
-                    array = npz[key]
-                except ValueError as exc:  # object arrays refuse to load without pickle
-                    raise ArtifactError(f"{path}: key {key!r} cannot be loaded without pickle ({exc})") from exc
-                if array.dtype != np.float32:
-                    raise ArtifactError(f"{path}: key {key!r} has dtype {array.dtype}, expected float32")
-                if array.shape != shape:
-                    raise ArtifactError(f"{path}: key {key!r} has shape {array.shape}, expected {shape}")
-                arrays[key] = array
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ArtifactError(f"{path}: corrupt npz archive ({exc})") from exc
+    with npz:
+        missing = sorted(set(shapes) - set(npz.files))
+        unexpected = sorted(set(npz.files) - set(shapes))
+        if missing or unexpected:
+            raise ArtifactError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+        for key, shape in shapes.items():
+            try:
+                array = npz[key]
+            # An object array refuses to load without pickle (ValueError); a cut or damaged archive fails anywhere.
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise ArtifactError(f"{path}: array {key!r} cannot be read ({exc})") from exc
+            if array.dtype != np.float32:
+                raise ArtifactError(f"{path}: array {key!r} has dtype {array.dtype}, expected float32")
+            if array.shape != shape:
+                raise ArtifactError(f"{path}: array {key!r} has shape {array.shape}, expected {shape}")
+            if not np.isfinite(array).all():
+                raise ArtifactError(f"{path}: array {key!r} holds NaN or infinity (a diverged model?)")
+            arrays[key] = array
+    std = arrays["input_std"]
+    if std.min() <= 0:
+        raise ArtifactError(f"{path}: array 'input_std' must be positive (pixels are divided by it), got {std}")
     return arrays
 
 

@@ -95,8 +95,11 @@ def test_bad_inputs_are_clear_errors(artifact_dir: Path, sample_tiles) -> None:
         runtime.forward(sample_tiles[2].astype(np.float32), 4)
     with pytest.raises(ValueError, match=r"\[3, H, W\]"):
         runtime.forward(sample_tiles[2][:2], 4)
-    with pytest.raises(ValueError, match="max_k"):
-        runtime.forward(sample_tiles[2], 17)
+    for k in (17, 1, 2.0):
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 16\]"):
+            runtime.forward(sample_tiles[2], k)
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 16\]"):
+            runtime.predict_labels(sample_tiles[2], k)
 
 
 def _copy(artifact_dir: Path, tmp_path: Path) -> Path:
@@ -186,13 +189,83 @@ def test_missing_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "message"),
-    [("max_k", "16", "max_k must be a non-negative integer"), ("temperature", 0, "temperature must be a positive")],
+    [
+        ("max_k", "16", "max_k must be an integer >= 2, got '16'"),
+        ("max_k", 1, "max_k must be an integer >= 2, got 1"),
+        ("max_k", True, "max_k must be an integer >= 2, got True"),
+        ("embed_dim", 8.0, "embed_dim must be an integer >= 1, got 8.0"),
+        ("temperature", 0, "temperature must be a positive number"),
+        ("temperature", True, "temperature must be a positive number, got True"),
+        ("input_scale", "0.0039", "input_scale must be a positive number"),
+        ("chroma_weight", [1.0], r"chroma_weight must be a non-negative number, got \[1.0\]"),
+        ("input_mean", [0.5, 0.5], r"input_mean must be a list of 3 numbers"),
+        ("input_std", [0.2, 0.0, 0.2], r"input_std must be positive"),
+        ("input_std", {"r": 1}, r"input_std must be a list of 3 numbers"),
+        ("stride", "4", "stride '4' is not supported"),
+        ("smoothing", ["fast"], "smoothing \\['fast'\\] is not one of"),
+        ("supports_learned_refine", 1, "supports_learned_refine must be true or false, got 1"),
+        ("lineage", ["a"], "lineage must be an object, got list"),
+        ("input_rules", {"a": {"dtype": "uint8", "nodata": "zero"}}, "input_rules.a: not a pixel rule .*nodata"),
+    ],
 )
 def test_bad_meta_values(artifact_dir: Path, tmp_path: Path, key: str, value, message: str) -> None:
     artifact = _copy(artifact_dir, tmp_path)
     _rewrite_meta(artifact, **{key: value})
     with pytest.raises(ArtifactError, match=f"meta.json: {message}"):
         load_runtime_model(artifact)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("temperature", float("nan"), "temperature is NaN, not a finite number"),
+        ("chroma_weight", float("inf"), "chroma_weight is Infinity, not a finite number"),
+        ("input_mean", [0.5, float("-inf"), 0.5], r"input_mean\[1\] is -Infinity, not a finite number"),
+        ("metrics", {"val_miou": float("nan")}, "metrics.val_miou is NaN"),  # not read by the runtime: still refused
+    ],
+)
+def test_non_finite_meta_values_name_the_key(
+    artifact_dir: Path, tmp_path: Path, key: str, value: object, message: str
+) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    _rewrite_meta(artifact, **{key: value})  # json.dumps writes NaN / Infinity, which json.loads reads by default
+    with pytest.raises(ArtifactError, match=f"meta.json: {message}"):
+        load_runtime_model(artifact)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("encoder.conv1.weight", np.nan, "array 'encoder.conv1.weight' holds NaN or infinity"),
+        ("seed_proj.bias", np.inf, "array 'seed_proj.bias' holds NaN or infinity"),
+        ("input_std", 0.0, "array 'input_std' must be positive"),
+        ("input_std", -1.0, "array 'input_std' must be positive"),
+    ],
+)
+def test_bad_array_values_name_the_array(
+    artifact_dir: Path, tmp_path: Path, key: str, value: float, message: str
+) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    with np.load(artifact / "model.npz") as npz:
+        array = npz[key].copy()
+    array.flat[1] = value
+    _rewrite_arrays(artifact, **{key: array})
+    with pytest.raises(ArtifactError, match=f"model.npz: {message}"):
+        load_runtime_model(artifact)
+
+
+def test_truncated_archive(artifact_dir: Path, tmp_path: Path) -> None:
+    artifact = _copy(artifact_dir, tmp_path)
+    data = (artifact / "model.npz").read_bytes()
+    for size in (len(data) // 2, len(data) - 30):  # no central directory; a cut end record
+        (artifact / "model.npz").write_bytes(data[:size])
+        with pytest.raises(ArtifactError, match="model.npz: not a readable npz archive"):
+            load_runtime_model(artifact)
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="nowhere: no such folder"):
+        load_runtime_model(tmp_path / "nowhere")
 
 
 def test_meta_records_the_input_rules(artifact_dir: Path) -> None:
@@ -243,7 +316,10 @@ RULES_META = {
 
 
 def test_select_input_rule_by_dataset_id() -> None:
-    assert select_input_rule(RULES_META, "uint8", "s2_l2a") == S2_L2A  # the id wins over the dtype
+    assert select_input_rule(RULES_META, "int16", "s2_l2a") == S2_L2A  # the id wins over the dtype's two rules
+    # Another dtype's scaling would read a uint8 file as near black: refused, naming both dtypes.
+    with pytest.raises(ValueError, match="dataset 'naip_2020': its input rule is for uint16 data, the file is uint8"):
+        select_input_rule(RULES_META, "uint8", "naip_2020")
     with pytest.raises(
         ArtifactError, match=r"'nope'.*known: \['naip_2020', 'naip_2022', 'quebec', 's2_l1c', 's2_l2a'\]"
     ):
