@@ -16,7 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtime_export.export import PROMOTION_METRIC, export_artifact
+from runtime_export.cli import run_cli
+from runtime_export.export import PROMOTION_METRIC, check_out_dir, export_artifact
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.train import train
 
@@ -36,6 +37,7 @@ def smoke_config(seed: int, steps: int, embed_dim: int, max_k: int, patch_size: 
 
 def smoke_export(out_dir: Path, config: TrainConfig) -> Path:
     """Train ``config`` from scratch in a scratch directory and export the final checkpoint to ``out_dir``."""
+    check_out_dir(out_dir)  # before the training, which an out_dir the export refuses would waste
     with tempfile.TemporaryDirectory(prefix="runtime-smoke-") as scratch:
         result = train(config, Path(scratch), resume=False)
         if result.checkpoint_path is None:
@@ -45,8 +47,16 @@ def smoke_export(out_dir: Path, config: TrainConfig) -> Path:
         return export_artifact(result.checkpoint_path, out_dir, lineage, metrics)
 
 
+PROG = "python -m runtime_export"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime_export", description=__doc__.split("\n\n")[0])
+    """The command line; a user error (an ``--smoke-out`` that is not an artifact...) is one line on stderr, exit 2."""
+    return run_cli(PROG, _smoke_cli, argv)
+
+
+def _smoke_cli(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke-out", type=Path, required=True, help="artifact directory to write")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--steps", type=int, default=1)

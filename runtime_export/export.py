@@ -6,12 +6,19 @@ and ``metrics.json``. Directories are written aside (with ordinary permissions: 
 users read them) and renamed into place, so a reader never sees half an artifact. ``model/best`` is
 a symlink swapped with one ``os.replace``, so promotion is atomic too.
 
+An existing output folder is replaced only when it is an artifact (``is_artifact_dir``) or empty: any other
+folder is refused, nothing touched. What is written aside is named after the exporting process
+(``.<out>.export-staging-<pid>-...``, ``.<out>.export-aside-<pid>-...``): the next export to the same folder
+removes what a killed one left, and puts back a previous artifact it had moved aside.
+
 CLI (any training checkpoint, e.g. one trained with ``torchrun`` outside Dagster)::
 
     python -m runtime_export.export --checkpoint CKPT --out DIR [--processed-root P --dataset-id ID ...]
 
 writes the artifact with the lineage the checkpoint records and the datasets' pixel rules, published only
 when the numpy runtime matches torch on their tiles (``runtime_export.parity``, as the Dagster asset checks).
+A user error (a missing or damaged checkpoint, weights holding NaN, an --out that is not an artifact) is one
+line on stderr and exit status 2 (``runtime_export.cli``).
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,7 @@ import torch
 from rasterio.windows import Window
 from torch import nn
 
+from runtime_export.cli import run_cli
 from runtime_export.parity import runtime_parity
 from runtime_export.runtime import (
     META_FILENAME,
@@ -42,6 +50,7 @@ from runtime_export.runtime import (
     expected_array_shapes,
     load_runtime_model,
 )
+from runtime_export.whole_raster import dead_leftovers, owned_prefix
 from training_core.atomic import make_staging_dir
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
@@ -58,6 +67,9 @@ PROMOTION_METRIC = "val_miou"  # key of metrics.json compared by promote_if_bett
 PARITY_KS = (2, 8, 16)
 PARITY_TILES = 2
 PARITY_TILE_SIZE = 256  # a crop keeps the check to seconds on big tiles
+PROG = "python -m runtime_export.export"
+ARTIFACT_FILES = frozenset({MODEL_FILENAME, META_FILENAME, METRICS_FILENAME})
+RUNTIME_FAMILY = RUNTIME_VERSION.rsplit("/", 1)[0] + "/"  # meta.json's marker, whatever the runtime version
 
 
 def runtime_arrays(model: SegmentationModel) -> dict[str, np.ndarray]:
@@ -226,16 +238,19 @@ def export_model(
     input_rules: Mapping[str, Mapping[str, Any]] | None = None,
     training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Write the artifact for ``model`` to ``out_dir`` atomically (replacing what was there); returns ``out_dir``.
+    """Write the artifact for ``model`` to ``out_dir`` atomically (replacing an artifact or empty folder there,
+    refusing anything else: ``check_out_dir``); returns ``out_dir``.
 
     ``input_rules`` (``input_rules_of``) are the pixel rules of the datasets the model was trained and
     evaluated on; none (synthetic training) leaves segmentation to the files' own band layout.
     ``training_data`` (``training_data_of``) describes the same datasets: licence, ground resolution, CRSs.
     """
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    reclaim_leftovers(out_dir)
     arrays = runtime_arrays(model.eval())
     meta = runtime_meta(config, lineage, metrics, input_rules or {}, training_data)
-    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
+    staging = make_staging_dir(out_dir.parent, prefix=owned_prefix(_staging_prefix(out_dir)))
     try:
         with open(staging / MODEL_FILENAME, "wb") as handle:
             np.savez(handle, **arrays)
@@ -257,11 +272,25 @@ def export_artifact(
     input_rules: Mapping[str, Mapping[str, Any]] | None = None,
     training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Export a training checkpoint; lineage gains the checkpoint's step besides config hash and code version."""
+    """Export a training checkpoint; lineage gains the checkpoint's step besides config hash and code version.
+    Weights holding NaN or infinity (a diverged training) are refused, naming the checkpoint and the weight."""
     model, config = model_from_checkpoint(checkpoint_path)
+    check_finite_weights(model, checkpoint_path)
     step = int(load_checkpoint(checkpoint_path)["step"])
     lineage = {**lineage, "checkpoint_step": step}
     return export_model(model, config, out_dir, lineage, metrics, input_rules, training_data)
+
+
+def check_finite_weights(model: SegmentationModel, checkpoint_path: str | Path) -> None:
+    """A ValueError naming the checkpoint and its first weights that hold NaN or infinity: such a model labels every
+    pixel 0, and NaN outputs would compare as agreeing."""
+    bad = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(
+            f"checkpoint {checkpoint_path}: weight {bad[0]!r}{more} holds NaN or infinity (did training diverge?): "
+            "nothing exported"
+        )
 
 
 def parity_tiles(processed_root: str | Path, dataset_ids: Iterable[str]) -> list[np.ndarray]:
@@ -296,8 +325,11 @@ def export_checkpoint(
     ``dataset_ids`` under ``processed_root``, each defaulting to what the checkpoint's config trained on.
     The artifact is staged beside ``out_dir`` and moved there only when the numpy runtime matches torch on
     those datasets' tiles (synthetic tiles without datasets); otherwise ``out_dir`` is left as it was.
+    ``out_dir`` is checked (``check_out_dir``) before anything else is done.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_out_dir(out_dir, checkpoint)
+    reclaim_leftovers(out_dir)
     state = load_checkpoint(checkpoint)
     _, config = model_from_checkpoint(checkpoint)
     versions: dict[str, str] = state.get("data_versions") or {}
@@ -319,7 +351,7 @@ def export_checkpoint(
     )
     lineage = {"checkpoint": str(checkpoint.resolve()), "dataset_ids": trained_on, "data_versions": versions}
     metrics = {PROMOTION_METRIC: None, "train_final_losses": state["losses"]}
-    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.check-")
+    staging = make_staging_dir(out_dir.parent, prefix=owned_prefix(_staging_prefix(out_dir)))
     try:
         candidate = export_artifact(checkpoint, staging / out_dir.name, lineage, metrics, rules, training_data)
         parity = runtime_parity(candidate, checkpoint, tiles, PARITY_KS)
@@ -390,24 +422,96 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
+def is_artifact_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder an export wrote: nothing but artifact files (``model.npz``, ``meta.json``,
+    ``metrics.json``), and a ``meta.json`` that names this runtime (any version)."""
+    try:
+        names = set(os.listdir(path))
+        meta = json.loads((path / META_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # not a folder, no or unreadable meta.json, not JSON
+        return False
+    runtime = meta.get("runtime_version") if isinstance(meta, dict) else None
+    return (
+        names <= ARTIFACT_FILES
+        and all((path / name).is_file() for name in names)
+        and isinstance(runtime, str)
+        and runtime.startswith(RUNTIME_FAMILY)
+    )
+
+
+def check_out_dir(out_dir: Path, checkpoint: Path | None = None) -> None:
+    """Refuse an output folder whose replacement would lose something: an existing path that is not a folder, a
+    symbolic link (its target would stay, the link would go), a folder holding the current folder or the checkpoint,
+    or a non-empty folder that is not an artifact (``is_artifact_dir``). A ValueError names the folder."""
+    if out_dir.is_symlink():
+        raise ValueError(f"--out {out_dir}: is a symbolic link; pass the folder it points to")
+    resolved = out_dir.resolve()
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise ValueError(f"--out {out_dir}: holds the current folder; choose a new folder or an existing artifact")
+    if checkpoint is not None and checkpoint.resolve().is_relative_to(resolved):
+        raise ValueError(f"--out {out_dir}: holds the checkpoint {checkpoint}; choose a folder of its own")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a folder; the artifact is a folder")
+    entries = sorted(os.listdir(out_dir))
+    if entries and not is_artifact_dir(out_dir):
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ValueError(
+            f"--out {out_dir}: not an artifact folder (it holds {shown}); only an artifact or an empty folder is "
+            "replaced: choose a new folder"
+        )
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.export-staging-"
+
+
+def _aside_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.export-aside-"
+
+
+def reclaim_leftovers(out_dir: Path) -> None:
+    """Undo what a killed export of ``out_dir`` left beside it: the previous artifact it had moved aside goes back
+    when ``out_dir`` is missing (else it is removed), its staged candidates are removed. Only what dead processes
+    left (``dead_leftovers``): a running export's folders stay."""
+    asides = sorted(dead_leftovers(out_dir.parent, _aside_prefix(out_dir)), key=lambda path: path.stat().st_mtime)
+    if asides and not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(asides.pop(), out_dir)
+    for leftover in [*asides, *dead_leftovers(out_dir.parent, _staging_prefix(out_dir))]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _swap_directory(staging: Path, out_dir: Path) -> None:
-    """Move a finished directory into place; an existing ``out_dir`` is renamed away first, then removed."""
+    """Move a finished directory into place; an existing ``out_dir`` is renamed aside first, then removed. It is
+    checked again here: the folder may have changed since the export began."""
+    check_out_dir(out_dir)
     if out_dir.exists():
-        retired = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.old-")
-        os.replace(out_dir, retired)  # onto the empty placeholder
+        aside = out_dir.parent / f"{owned_prefix(_aside_prefix(out_dir))}{secrets.token_hex(4)}"
+        os.rename(out_dir, aside)
         os.rename(staging, out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)  # what stays (a failure) is a dead run's for the next export
     else:
         os.rename(staging, out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: the JSON summary on stdout, exit 0; a user error is one line on stderr, exit 2."""
+    return run_cli(PROG, _export_cli, argv)
+
+
+def _export_cli(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m runtime_export.export",
+        prog=PROG,
         description="Export a training checkpoint to a numpy runtime artifact (model.npz + meta.json), parity-checked.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="training checkpoint (e.g. CKPT_DIR/last.pt)")
-    parser.add_argument("--out", type=Path, required=True, help="artifact directory to write (replaced atomically)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="artifact directory to write; an existing artifact (or empty folder) is replaced atomically",
+    )
     parser.add_argument("--processed-root", type=Path, help="processed shards root (default: the checkpoint's)")
     parser.add_argument(
         "--dataset-id",
@@ -416,11 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="dataset whose pixel rule to ship; repeatable (default: the datasets the checkpoint trained on)",
     )
     args = parser.parse_args(argv)
-    try:
-        summary = export_checkpoint(args.checkpoint, args.out, args.processed_root, args.dataset_id)
-    except (OSError, ValueError) as error:  # DatasetError and DamagedCheckpointError are ValueErrors
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+    summary = export_checkpoint(args.checkpoint, args.out, args.processed_root, args.dataset_id)
     print(json.dumps(summary))
     return 0
 

@@ -11,23 +11,33 @@ else R, G, B (and alpha) from the file's colour interpretation (``whole_raster.c
 file's own alpha band is honoured when the rule declares none; ``--bands``, ``--alpha-band`` and
 ``--value-range`` override fields of the rule.
 
-The cell embeddings wait between the passes in a temporary folder beside the output or under
-``--scratch-dir`` (about W * H * D' / 4 bytes, ``scratch_bytes`` in the report). Progress goes to stderr
-(``--quiet``: none), one line every few seconds and one at the end of each pass:
+The cell embeddings wait between the passes in a nameless temporary file (freed by the system when the
+process ends, however it ends) beside the output or in ``--scratch-dir`` (about W * H * D' / 4 bytes,
+``scratch_bytes`` in the report). Progress goes to stderr (``--quiet``: none), one line every few seconds
+and one at the end of each pass:
 ``segment: pass 1/2 tile 12/64, 3.4 MP/s``; stdout is the one-line JSON report.
 
 The output is a paletted uint8 GeoTIFF with the input's CRS and transform: a colour table with K distinct
 colours, ``nodata_label`` (transparent) as its nodata value, nearest-neighbour overviews, and tags naming
 the model (``SEGPIPE_CONFIG_HASH``, ``SEGPIPE_DATA_VERSIONS``, ``SEGPIPE_K``...); beside it, ``OUT.qml``, the
-QGIS style listing the K segments. It is written to a temporary sibling, read back and only then renamed
-into place (``training_core.atomic``): a full disk never replaces a good output.
+QGIS style listing the K segments. Both are written in a hidden folder beside the output named after the
+process (``.segment-output-<pid>-...``), read back and only then renamed into place: a full disk never replaces
+a good output, and what a killed run leaves there is removed by the next run into that folder. An output that is
+the input (through links too) or whose style would be the input, or a ``.qml`` output (its own style), is
+refused before anything is written.
+
+Every user error (a bad path, flag, model or raster) is one line on stderr and exit status 2
+(``runtime_export.cli``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +51,8 @@ from rasterio._err import CPLE_BaseError  # GDAL errors raised on write/close (e
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
-from runtime_export.pixels import PixelRule
+from runtime_export.cli import run_cli
+from runtime_export.pixels import PixelRule, check_value_range
 from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS
 from runtime_export.runtime import RuntimeModel, load_runtime_model
 from runtime_export.whole_raster import (
@@ -52,20 +63,24 @@ from runtime_export.whole_raster import (
     Window,
     check_k,
     choose_input_rule,
+    dead_leftovers,
     label_colours,
     label_style,
     label_tags,
     overview_factors,
+    owned_prefix,
     segment_source,
     style_path,
 )
-from training_core.atomic import atomic_path, atomic_write_text, verify_raster
+from training_core.atomic import verify_raster
 from training_core.datasets.rasters import InputReader, open_raster
 
 # GDAL's block cache (default: 5% of RAM) would grow with the raster; this holds a row of tiles of a striped
 # 4-band uint16 input 50,000 px wide, so each strip is still decoded once per pass.
 GDAL_CACHE_BYTES = 256 * 2**20
 PROGRESS_SECONDS = 5.0  # at most one progress line per interval, plus the last tile of each pass
+PROG = "python -m runtime_export.segment"
+OUTPUT_STAGING_PREFIX = ".segment-output-"  # + "<pid>-": the hidden folder the output is written in
 
 
 @dataclass
@@ -142,41 +157,50 @@ def segment_raster(
     progress: TextIO | None = None,
 ) -> SegmentReport:
     """Segment a whole GeoTIFF into a paletted uint8 label GeoTIFF with one set of cluster ids; the cell embeddings
-    wait between the passes in a scratch folder under ``scratch_dir`` (default: the output's folder); progress lines
-    go to ``progress`` (None: silent)."""
+    wait between the passes in a nameless temporary file in ``scratch_dir`` (default: the output's folder); progress
+    lines go to ``progress`` (None: silent). Paths are checked (``check_paths``) before anything is created."""
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
+    check_paths(input_path, output_path)
     check_k(model, k, nodata_label)
     rule, rule_source = choose_file_rule(model.meta, input_path, dataset_id, overrides)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), InputReader(input_path, rule) as reader:
         profile = _label_profile(reader, nodata_label)
-        with atomic_path(output_path, suffix=".tif") as tmp:
-            try:
-                with rasterio.open(tmp, "w", **profile) as dst:
-                    dst.write_colormap(1, label_colours(k, nodata_label))
-                    dst.update_tags(**label_tags(model.meta, k, nodata_label, rule))
-                    stats = segment_source(
-                        model,
-                        RasterioSource(reader),
-                        k,
-                        lambda labels, window: dst.write(labels, 1, window=_rio_window(window)),
-                        output_path.parent if scratch_dir is None else scratch_dir,
-                        tile_size,
-                        max_fit_cells,
-                        nodata_label,
-                        None if progress is None else Progress(progress),
-                    )
-                # GDAL may report a failed write on stderr only and close cleanly, and building overviews over
-                # blocks that failed to write crashes it: the file is read back before and after.
-                verify_raster(tmp)
-                _build_overviews(tmp)
-                verify_raster(tmp)
-            except ScratchSpaceError:
-                raise
-            except (RasterioError, CPLE_BaseError, OSError) as exc:
-                kept = "a previous file is left as it was"
-                raise OSError(f"{output_path}: cannot write the labels, {kept}: {exc}") from None
-        atomic_write_text(style_path(output_path), label_style(k, nodata_label))
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in dead_leftovers(output_path.parent, OUTPUT_STAGING_PREFIX):  # of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=owned_prefix(OUTPUT_STAGING_PREFIX), dir=output_path.parent))
+        try:
+            labels, style = staging / "labels.tif", staging / "labels.qml"
+            with rasterio.open(labels, "w", **profile) as dst:
+                dst.write_colormap(1, label_colours(k, nodata_label))
+                dst.update_tags(**label_tags(model.meta, k, nodata_label, rule))
+                stats = segment_source(
+                    model,
+                    RasterioSource(reader),
+                    k,
+                    lambda block, window: dst.write(block, 1, window=_rio_window(window)),
+                    output_path.parent if scratch_dir is None else scratch_dir,
+                    tile_size,
+                    max_fit_cells,
+                    nodata_label,
+                    None if progress is None else Progress(progress),
+                )
+            # GDAL may report a failed write on stderr only and close cleanly, and building overviews over
+            # blocks that failed to write crashes it: the file is read back before and after.
+            verify_raster(labels)
+            _build_overviews(labels)
+            verify_raster(labels)
+            style.write_text(label_style(k, nodata_label), encoding="utf-8")
+            _publish(labels, output_path)
+            _publish(style, style_path(output_path))
+        except ScratchSpaceError:
+            raise
+        except (RasterioError, CPLE_BaseError, OSError) as exc:
+            kept = "a previous file is left as it was"
+            raise OSError(f"{output_path}: cannot write the labels, {kept}: {exc}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     wall = time.perf_counter() - started
     return SegmentReport(
         input=str(input_path),
@@ -190,6 +214,48 @@ def segment_raster(
         wall_s=wall,
         megapixels_per_s=reader.width * reader.height / 1e6 / wall,
     )
+
+
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """Refuse, before anything is created, what would lose or corrupt a file: an output that is the input (also
+    through a symbolic or hard link), a style sidecar (``OUT.qml``) that is the input, a ``.qml`` output (the
+    labels would be replaced by their own style), an output that is a folder; and names GDAL cannot open."""
+    for flag, path in (("--input", input_path), ("--output", output_path)):
+        try:
+            str(path).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise ValueError(
+                f"{flag} {shown}: the path is not valid UTF-8, which GDAL cannot open: rename it"
+            ) from None
+    if not input_path.is_file():
+        raise ValueError(f"{input_path}: no such file (--input)")
+    if output_path.suffix.lower() == ".qml":
+        raise ValueError(f"{output_path}: a .qml output would be overwritten by its own QGIS style: name it .tif")
+    if output_path.is_dir():
+        raise ValueError(f"{output_path}: is a folder; --output is the label GeoTIFF to write")
+    if _same_file(output_path, input_path):
+        raise ValueError(f"{output_path}: is the input {input_path}; writing the labels there would replace it")
+    if _same_file(style_path(output_path), input_path):
+        raise ValueError(
+            f"{output_path}: its QGIS style {style_path(output_path)} would replace the input {input_path}: "
+            "choose another output name"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths are one file (device and inode, links followed); a path that does not exist is not."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _publish(path: Path, target: Path) -> None:
+    """Sync ``path`` to disk and rename it onto ``target`` (same folder tree, one filesystem): atomic."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(path, target)
 
 
 def _rio_window(window: Window) -> rasterio.windows.Window:
@@ -233,20 +299,38 @@ def _band_list(text: str) -> tuple[int, int, int]:
 
 def _value_range(text: str) -> tuple[float, float]:
     try:
-        lo, hi = (float(part) for part in text.split(","))
+        return check_value_range([float(part) for part in text.split(",")])
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected LO,HI, e.g. 0,4095") from None
-    return lo, hi
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected LO,HI, two finite numbers with LO below HI, e.g. 0,4095"
+        ) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime_export.segment", description=__doc__.split("\n\n")[0])
+    """The command line: the JSON report on stdout, exit 0; a user error is one line on stderr, exit 2."""
+    return run_cli(PROG, _segment_cli, argv)
+
+
+def _segment_cli(argv: Sequence[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="artifact directory (model.npz + meta.json)")
     parser.add_argument("--input", type=Path, required=True, help="GeoTIFF to segment (any size, bands and dtype)")
     parser.add_argument("--output", type=Path, required=True, help="label GeoTIFF to write")
     parser.add_argument("--k", type=int, required=True, help="number of clusters")
-    parser.add_argument("--tile-size", type=int, default=DEFAULT_TILE, help="core tile side, a multiple of 4")
-    parser.add_argument("--max-fit-cells", type=int, default=DEFAULT_MAX_FIT_CELLS, help="cells k-means is fitted on")
+    parser.add_argument("--tile-size", type=_positive_int, default=DEFAULT_TILE, help="core tile side, a multiple of 4")
+    parser.add_argument(
+        "--max-fit-cells", type=_positive_int, default=DEFAULT_MAX_FIT_CELLS, help="cells k-means is fitted on"
+    )
     parser.add_argument("--nodata-label", type=int, default=DEFAULT_NODATA_LABEL, help="label written under nodata")
     parser.add_argument("--dataset", help="read the input with this training dataset's pixel rule (see meta.json)")
     parser.add_argument("--bands", type=_band_list, help="source bands read as R,G,B (1-based), e.g. 3,2,1")
@@ -274,10 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             scratch_dir=args.scratch_dir,
             progress=None if args.quiet else sys.stderr,
         )
-    except (ValueError, OSError) as exc:  # DatasetError and ArtifactError are ValueErrors
-        hint = " (--scratch-dir)" if isinstance(exc, ScratchSpaceError) else ""
-        sys.stderr.write(f"error: {' '.join(str(exc).split())}{hint}\n")
-        return 1
+    except ScratchSpaceError as exc:
+        raise ScratchSpaceError(f"{exc} (--scratch-dir)") from None
     sys.stdout.write(json.dumps(asdict(report)) + "\n")
     return 0
 

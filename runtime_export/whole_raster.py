@@ -17,8 +17,8 @@ encodes each tile once:
 
 The scratch file holds the clustered embedding of every stride-4 cell, float32 [H/4, W/4, D']: about
 W * H * D' bytes / 4 (1.7 GB for 8192 x 8192 with D' = 99), reserved up front (a full disk fails at the
-start) in a temporary folder, removed at the end, failure or cancel or not. Memory stays at one tile plus
-the lattice sample.
+start) as a nameless temporary file in the scratch folder, which the system frees when the process ends,
+however it ends (a SIGKILL included). Memory stays at one tile plus the lattice sample.
 
 Tiles overlap by a margin wider than the encoder's receptive field and start on the stride-4 grid, so a
 core cell's embedding does not depend on where the tiles are cut, and pass 2 sees the raster's cells as
@@ -55,7 +55,7 @@ DEFAULT_NODATA_LABEL = 255
 # Encoder receptive field, in stride-4 cells, beyond a cell's own 4x4 block: conv1 reaches 1 px,
 # conv2 2 px, the four residual convs 4 px each (19 px), rounded up with the avg-pool block.
 ENCODER_REACH_CELLS = 6
-SCRATCH_PREFIX = ".segment-scratch-"
+SCRATCH_NAME = "segment-scratch.f32"  # the spill's name in messages (the file itself has none)
 OVERVIEW_MIN_SIDE = 256  # overviews halve the raster until its longer side would drop below this
 TAG_PREFIX = "SEGPIPE_"
 
@@ -147,8 +147,8 @@ def choose_input_rule(
 
 
 def check_k(model: RuntimeModel, k: int, nodata_label: int) -> None:
-    if not 2 <= k <= model.max_k:
-        raise ValueError(f"k={k} is outside [2, max_k={model.max_k}]")
+    """K within the model's range, and a nodata label that is no cluster id."""
+    model.check_k(k)
     if 0 <= nodata_label < k or not 0 <= nodata_label <= 255:
         raise ValueError(f"nodata label {nodata_label} must be a uint8 value that is not a cluster id (>= k={k})")
 
@@ -167,8 +167,8 @@ def label_reach_cells(smooth_iters: int) -> int:
 
 def tile_windows(width: int, height: int, tile_size: int, margin: int) -> Iterator[TileWindow]:
     """Row-major tiles of ``tile_size`` (a multiple of 4) with ``margin`` on each side, clipped to the raster."""
-    if tile_size % STRIDE or margin % STRIDE:
-        raise ValueError(f"tile size {tile_size} and margin {margin} must be multiples of {STRIDE}")
+    if tile_size <= 0 or tile_size % STRIDE or margin % STRIDE:
+        raise ValueError(f"tile size {tile_size} and margin {margin} must be multiples of {STRIDE}, the tile size > 0")
     for row in range(0, height, tile_size):
         for col in range(0, width, tile_size):
             core = Window(col, row, min(tile_size, width - col), min(tile_size, height - row))
@@ -187,21 +187,24 @@ def core_cells(tile: TileWindow) -> tuple[slice, slice]:
 class EmbeddingSpill:
     """The clustered embedding of every stride-4 cell of a raster, float32 [h_cells, w_cells, D'], in a scratch file.
 
-    Each access maps only the rows it touches and unmaps them on return: a mapped file's pages count in the
-    process's RSS, so one map of the whole file would grow to the file's size.
+    The file has no name in ``path``'s folder (``tempfile.TemporaryFile``: unlinked at once on POSIX, delete-on-close
+    on Windows), so the system frees it when the process ends however it ends, a SIGKILL included: a killed run
+    leaves no gigabytes behind. ``path`` names it in messages. Each access maps only the rows it touches and unmaps
+    them on return: a mapped file's pages count in the process's RSS, so one map of the whole file would grow to the
+    file's size.
     """
 
     def __init__(self, path: Path, grid: tuple[int, int], dim: int) -> None:
         self.path, self.grid, self.dim = path, grid, dim
         self._row_bytes = grid[1] * dim * np.dtype(np.float32).itemsize
         self.nbytes = grid[0] * self._row_bytes
-        self._file = open(path, "w+b")  # closed by close()
+        self._file = tempfile.TemporaryFile(prefix=f".{path.name}.", dir=path.parent)  # closed by close()
         try:
             _reserve(self._file.fileno(), self.nbytes)
         except OSError as exc:
             self._file.close()
             raise ScratchSpaceError(
-                f"{path}: cannot reserve {self.nbytes / 1e6:.0f} MB of scratch space for the cell embeddings "
+                f"{path.parent}: cannot reserve {self.nbytes / 1e6:.0f} MB of scratch space for the cell embeddings "
                 f"(free some, or choose another scratch folder): {exc}"
             ) from None
 
@@ -236,6 +239,39 @@ def _reserve(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (POSIX). Elsewhere always True: Windows' ``os.kill(pid, 0)`` would stop it."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def owned_prefix(prefix: str) -> str:
+    """``<prefix><pid>-``: how a run starts the names of the temporaries it makes beside its output, so that a later
+    run can tell those of a killed run (``dead_leftovers``) from those of a run still going."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def dead_leftovers(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` named ``<prefix><pid>-...`` (``owned_prefix``) whose process is gone, sorted."""
+    try:
+        names = sorted(entry.name for entry in folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    dead = []
+    for name in names:
+        pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not process_alive(int(pid)):
+            dead.append(folder / name)
+    return dead
+
+
 def embedding_dim(model: RuntimeModel) -> int:
     """D', the width of the clustered embedding, as the model makes it (encoder channels, colour channels if any)."""
     return model.embed(np.zeros((3, STRIDE, STRIDE), np.uint8)).embeddings.shape[1]
@@ -253,16 +289,13 @@ def segment_source(
     progress: ProgressCallback | None = None,
 ) -> PassStats:
     """Both passes over ``source``: every core window's labels go to ``sink`` once, in row-major order; the cell
-    embeddings wait between the passes in a temporary folder under ``scratch_dir``."""
+    embeddings wait between the passes in a nameless temporary file in ``scratch_dir`` (``EmbeddingSpill``)."""
     check_k(model, k, nodata_label)
     tiles = list(tile_windows(source.width, source.height, tile_size, margin_pixels(model.smooth_iters)))
     grid = cell_grid(source.height, source.width)
     step = lattice_step(grid[0] * grid[1], max_fit_cells)
     Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch_dir) as scratch,
-        EmbeddingSpill(Path(scratch) / "embeddings.f32", grid, embedding_dim(model)) as spill,
-    ):
+    with EmbeddingSpill(Path(scratch_dir) / SCRATCH_NAME, grid, embedding_dim(model)) as spill:
         prototypes, fit_cells = fit_raster_prototypes(model, source, k, tiles, step, spill, progress)
         nodata_pixels = assign_labels(model, source, tiles, spill, prototypes, nodata_label, sink, progress)
     return PassStats(len(tiles), fit_cells, step, nodata_pixels, spill.nbytes)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,8 @@ from runtime_export.export import (
     promote_if_better,
     training_data_of,
 )
-from runtime_export.parity import runtime_parity
-from runtime_export.runtime import RUNTIME_VERSION, load_runtime_model, select_input_rule
+from runtime_export.parity import model_parity, runtime_parity
+from runtime_export.runtime import RUNTIME_VERSION, RuntimeModel, load_runtime_model, select_input_rule
 from training_core.checkpoint import save_checkpoint
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
 from training_core.shards import build_shards
@@ -85,6 +89,129 @@ def test_export_replaces_an_existing_artifact(tmp_path: Path, model, learned_con
     export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.2})
     assert json.loads((tmp_path / "artifact" / "metrics.json").read_text()) == {PROMOTION_METRIC: 0.2}
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def test_export_replaces_an_empty_folder(tmp_path: Path, model, learned_config) -> None:
+    (tmp_path / "artifact").mkdir()
+    export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    assert sorted(p.name for p in (tmp_path / "artifact").iterdir()) == ["meta.json", "metrics.json", "model.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+OURS = '{"runtime_version": "segpipe-numpy-runtime/3"}'  # the marker of an artifact's meta.json
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"notes.txt": "mine"}, r"not an artifact folder \(it holds notes.txt\)"),
+        ({"meta.json": OURS, "plan.md": "mine"}, "it holds meta.json, plan.md"),  # an artifact plus the user's file
+        ({"meta.json": '{"runtime_version": "other/1"}'}, "it holds meta.json"),  # someone else's meta.json
+        ({"meta.json": OURS, "model.npz": None}, "it holds meta.json, model.npz"),  # None: a folder
+        ({f"ckpt-{i:02}.pt": "weights" for i in range(75)}, "it holds ckpt-00.pt, ckpt-01.pt, ckpt-02.pt and 72 more"),
+    ],
+)
+def test_export_refuses_a_folder_that_is_not_an_artifact(
+    tmp_path: Path, model, learned_config, entries: dict[str, str | None], message: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in entries.items():
+        if text is None:
+            (out / name).mkdir()
+        else:
+            (out / name).write_text(text)
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match=f"--out {out}: .*{message}"):
+        export_model(model, learned_config, out, {}, {PROMOTION_METRIC: 0.1})
+    assert _tree(tmp_path) == before  # nothing touched, nothing left
+
+
+def test_export_refuses_a_file_or_a_link(tmp_path: Path, model, learned_config) -> None:
+    (tmp_path / "file").write_text("mine")
+    export_model(model, learned_config, tmp_path / "target", {}, {PROMOTION_METRIC: 0.1})
+    (tmp_path / "link").symlink_to("target")
+    before = _tree(tmp_path)
+    for name, message in (("file", "exists and is not a folder"), ("link", "is a symbolic link")):
+        with pytest.raises(ValueError, match=f"--out {tmp_path / name}: {message}"):
+            export_model(model, learned_config, tmp_path / name, {}, {PROMOTION_METRIC: 0.2})
+    assert _tree(tmp_path) == before
+
+
+def test_export_refuses_the_current_folder(tmp_path: Path, model, learned_config, monkeypatch) -> None:
+    export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    before = _tree(tmp_path)
+    for cwd, out in ((tmp_path / "artifact", "."), (tmp_path / "artifact", ".."), (tmp_path, str(tmp_path))):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(ValueError, match=f"--out {out}: holds the current folder"):
+            export_model(model, learned_config, Path(out), {}, {PROMOTION_METRIC: 0.2})
+    assert _tree(tmp_path) == before  # no hidden .old or staging folder either
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the pid names no process now
+    return child.pid
+
+
+def test_next_export_removes_what_a_killed_one_left(tmp_path: Path, model, learned_config) -> None:
+    out = export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    dead, alive = _dead_pid(), os.getpid()
+    for leftover in (f".artifact.export-staging-{dead}-x1", f".artifact.export-aside-{dead}-x2"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.npz").write_bytes(b"half")
+    running = tmp_path / f".artifact.export-staging-{alive}-x3"  # a live process's: not ours to remove
+    running.mkdir()
+    export_model(model, learned_config, out, {}, {PROMOTION_METRIC: 0.2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "artifact"]
+
+
+def test_killed_swap_puts_the_previous_artifact_back(tmp_path: Path, model, learned_config, monkeypatch) -> None:
+    """Killed between moving the old artifact aside and moving the new one in: the next export restores it first."""
+    first = export_model(model, learned_config, tmp_path / "artifact", {}, {PROMOTION_METRIC: 0.1})
+    before = _tree(first)
+    os.rename(first, tmp_path / f".artifact.export-aside-{_dead_pid()}-abcd")
+
+    def crash(path):
+        raise RuntimeError("simulated crash after the restore")
+
+    monkeypatch.setattr(export_module, "load_runtime_model", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_model(model, learned_config, first, {}, {PROMOTION_METRIC: 0.2})
+    assert _tree(first) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def test_non_finite_weights_are_refused_naming_the_checkpoint(tmp_path: Path, model, learned_config) -> None:
+    diverged = copy.deepcopy(model)
+    with torch.no_grad():
+        diverged.encoder.conv2.weight[0, 0, 0, 0] = float("nan")
+    optimizer = torch.optim.SGD(diverged.parameters(), lr=0.1)
+    checkpoint = save_checkpoint(
+        tmp_path / "ckpt" / "last.pt", model=diverged, optimizer=optimizer, step=7, config=learned_config
+    )
+    with pytest.raises(ValueError, match=f"checkpoint {checkpoint}: weight 'encoder.conv2.weight' holds NaN"):
+        export_artifact(checkpoint, tmp_path / "artifact", {}, {PROMOTION_METRIC: None})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_parity_fails_on_non_finite_outputs(artifact_dir: Path, model, sample_tiles) -> None:
+    """NaN probabilities on both sides arg-max to label 0 everywhere and differ by NaN: that must not pass."""
+    runtime = load_runtime_model(artifact_dir)
+    assert model_parity(runtime, model, sample_tiles[2:3], (2,))["passed"]
+    with np.load(artifact_dir / "model.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays["input_std"] = np.full(3, np.nan, np.float32)
+    broken_runtime = RuntimeModel(runtime.meta, arrays)  # built directly: the artifact reader would refuse it
+    broken_model = copy.deepcopy(model)
+    broken_model.input_std.fill_(float("nan"))
+    report = model_parity(broken_runtime, broken_model, sample_tiles[2:3], (2,))
+    assert report["min_label_agreement"] == 1.0  # all label 0 on both sides
+    assert not report["passed"] and report["max_prob_diff"] == math.inf
 
 
 def _candidate(tmp_path: Path, model, config, name: str, score: float | None) -> Path:

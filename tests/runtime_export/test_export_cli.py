@@ -118,9 +118,9 @@ def test_bad_input_is_one_error_line(
     synthetic_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, make_args, message: str
 ) -> None:
     out = tmp_path / "artifact"
-    assert export_module.main([*make_args(synthetic_checkpoint, tmp_path), "--out", str(out)]) == 1
+    assert export_module.main([*make_args(synthetic_checkpoint, tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert err.startswith("python -m runtime_export.export: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert not out.exists()
 
@@ -139,7 +139,7 @@ def test_failed_parity_keeps_the_previous_artifact(
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     failing = {"passed": False, "min_label_agreement": 0.9, "max_prob_diff": 0.5, "thresholds": {}, "n_tiles": 2}
     monkeypatch.setattr(export_module, "runtime_parity", lambda *args: failing)
-    assert export_module.main(["--checkpoint", str(synthetic_checkpoint), "--out", str(out)]) == 1
+    assert export_module.main(["--checkpoint", str(synthetic_checkpoint), "--out", str(out)]) == 2
     assert "error: parity check failed (label agreement 0.90000" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]

@@ -4,6 +4,7 @@ atomic output with ordinary permissions, the scratch file between the passes, pr
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import signal
@@ -202,7 +203,7 @@ def test_cli_rule_choice_and_overrides(
         captured = capsys.readouterr()
         if code != 0:
             assert captured.out == "" and not out.exists()
-            return code, captured.err
+            return code, captured.err.removeprefix("python -m runtime_export.segment: ")
         np.testing.assert_array_equal(_labels(out), _labels(reference))
         return code, json.loads(captured.out)
 
@@ -210,7 +211,7 @@ def test_cli_rule_choice_and_overrides(
     assert code == 0 and report["rule_source"] == "dataset naip"
     # A model that never saw uint16 data needs a value range; with it, the same labels.
     code, error = run(small_artifact, "--input", str(uint16_path))
-    assert code == 1 and error == (
+    assert code == 2 and error == (
         "error: the model was trained on no uint16 data (its inputs: uint8 synthetic tiles): "
         "pass --value-range LO,HI to scale the values to 0..255\n"
     )
@@ -221,13 +222,13 @@ def test_cli_rule_choice_and_overrides(
     assert code == 0 and report["rule"] == PixelRule(alpha_band=4).to_dict()
     # Errors are one line naming the problem.
     code, error = run(naip_artifact, "--input", str(uint8_path), "--dataset", "nope")
-    assert code == 1 and error == (
+    assert code == 2 and error == (
         "error: dataset 'nope': the model records no input rule for it (known: ['naip', 'quebec'])\n"
     )
     code, error = run(naip_artifact, "--input", str(uint8_path), "--bands", "1,2,9")
-    assert code == 1 and error == f"error: {uint8_path}: bands: has 4 bands, the rule reads bands [1, 2, 9, 4]\n"
+    assert code == 2 and error == f"error: {uint8_path}: bands: has 4 bands, the rule reads bands [1, 2, 9, 4]\n"
     code, error = run(naip_artifact, "--input", str(uint8_path), "--alpha-band", "2")
-    assert code == 1 and error.startswith("error: alpha_band 2: must be a 1-based band that is not one of (1, 2, 3)")
+    assert code == 2 and error.startswith("error: alpha_band 2: must be a 1-based band that is not one of (1, 2, 3)")
 
 
 def test_output_has_ordinary_permissions(small_artifact: Path, tmp_path: Path, umask_022) -> None:
@@ -294,13 +295,14 @@ def test_failed_write_keeps_the_previous_output(small_artifact: Path, tmp_path: 
         text=True,
         timeout=300,
     )
-    assert child.returncode == 1, child
+    assert child.returncode == 2, child
     assert child.stdout == ""
     # libtiff prints its own diagnostics to the process's stderr ("_tiffWriteProc: File too large."); the
     # error is ours: one line, last.
-    errors = [line for line in child.stderr.splitlines() if line.startswith("error: ")]
+    prefix = "python -m runtime_export.segment: error: "
+    errors = [line for line in child.stderr.splitlines() if line.startswith(prefix)]
     assert errors == [child.stderr.splitlines()[-1]], child.stderr
-    assert errors[0].startswith(f"error: {out}: cannot write the labels, a previous file is left as it was: ")
+    assert errors[0].startswith(f"{prefix}{out}: cannot write the labels, a previous file is left as it was: ")
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qml", "out.tif"]  # no temp file, no scratch folder left
 
@@ -316,9 +318,9 @@ def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, t
         text=True,
         timeout=300,
     )
-    assert (child.returncode, child.stdout) == (1, "")
+    assert (child.returncode, child.stdout) == (2, "")
     assert re.fullmatch(
-        rf"error: {tmp_path}/\.segment-scratch-\w+/embeddings\.f32: cannot reserve 3 MB of scratch space for the "
+        rf"python -m runtime_export.segment: error: {tmp_path}: cannot reserve 3 MB of scratch space for the "
         r"cell embeddings \(free some, or choose another scratch folder\): \[Errno 27\] File too large "
         r"\(--scratch-dir\)",
         child.stderr.strip(),
@@ -327,23 +329,42 @@ def test_no_room_for_the_scratch_file_is_one_clear_error(small_artifact: Path, t
     assert [p.name for p in tmp_path.iterdir()] == ["out.tif"]
 
 
-def test_scratch_file_lives_beside_the_output_until_the_end(small_artifact: Path, tmp_path: Path, monkeypatch) -> None:
+def _nameless_files(folder: Path) -> list[int]:
+    """Sizes of the files this process holds open in ``folder`` that have no name there (Linux's /proc)."""
+    sizes = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the fd that listed the folder, closed by now
+            continue
+        if target.startswith(f"{folder}/") and target.endswith(" (deleted)"):
+            sizes.append(os.stat(f"/proc/self/fd/{fd}").st_size)
+    return sizes
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads open files from Linux's /proc")
+def test_scratch_file_is_nameless_beside_the_output_until_the_end(
+    small_artifact: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The spilled cells live in the scratch folder with no name there: a killed run cannot leave them behind."""
     model = load_runtime_model(small_artifact)
-    seen: list[tuple[Path, int]] = []
+    seen: list[tuple[list[str], list[int]]] = []
     assign = whole_raster.assign_tile
 
     def spy(model, spill, tile, prototypes):
-        seen.append((spill.path, spill.path.stat().st_size))
+        seen.append((sorted(p.name for p in spill.path.parent.iterdir()), _nameless_files(spill.path.parent)))
         return assign(model, spill, tile, prototypes)
 
     monkeypatch.setattr(whole_raster, "assign_tile", spy)
     report = segment_raster(model, SCENE, tmp_path / "out.tif", k=3, tile_size=256)
-    (path, size), *_ = seen
-    assert path.parent.parent == tmp_path and path.parent.name.startswith(".segment-scratch-")
-    assert size == report.scratch_bytes == 180 * 198 * 19 * 4  # (H/4) (W/4) D' float32, D' = 16 + 3 colours
+    (names, sizes), *_ = seen
+    assert [re.sub(r"-\w+$", "", name) for name in names] == [f".segment-output-{os.getpid()}"]  # the labels' folder
+    assert sizes == [report.scratch_bytes] == [180 * 198 * 19 * 4]  # (H/4) (W/4) D' float32, D' = 16 + 3 colours
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.qml", "out.tif"]
+    assert _nameless_files(tmp_path) == []
+    seen.clear()
     segment_raster(model, SCENE, tmp_path / "again.tif", k=3, tile_size=256, scratch_dir=tmp_path / "scratch")
-    assert seen[-1][0].parent.parent == tmp_path / "scratch"
+    assert seen[0] == ([], [report.scratch_bytes])
     assert list((tmp_path / "scratch").iterdir()) == []
 
 
