@@ -304,10 +304,9 @@ def check_valid_pixels(dataset_id: str, facts: Sequence[ItemFacts]) -> None:
         )
     empty = [path for path, count in per_file.items() if count == 0]
     if empty:
-        more = f" ({len(empty) - 1} more input files like it)" if len(empty) > 1 else ""
         raise DatasetError(
-            f"{empty[0]}: no valid pixel (every pixel is nodata, masked or alpha 0){more}: remove the file or "
-            "correct its nodata, alpha band or mask"
+            f"{empty[0]}: no valid pixel (every pixel is nodata, masked or alpha 0; {len(empty)} of the "
+            f"{len(per_file)} input files have none): remove the file or correct its nodata, alpha band or mask"
         )
 
 
