@@ -6,17 +6,23 @@ any named ``torch.Generator`` the loop draws from), ``losses`` (last logged loss
 ``scaler`` (the AMP GradScaler state, or None) and ``data_versions`` (``{dataset_id: data version}`` of the
 shards trained on; empty for other sources and absent in older checkpoints).
 
-Files in a checkpoint directory: ``step-000123.pt`` for every checkpoint and ``last.pt`` for the newest.
-Every value is a tensor or a plain Python container so the safe unpickler can read it back.
+Files in a checkpoint directory: ``step-000123.pt`` for every checkpoint and ``last.pt`` for the newest
+(``write_checkpoint``: the same bytes under both names, and ``last.pt`` is never older than the newest step
+file). Every value is a tensor or a plain Python container so the safe unpickler can read it back.
+
+A failed write (a full disk) is a ``CheckpointWriteError`` naming the file; it leaves every earlier file as
+it was and no temp file behind.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from training_core.atomic import atomic_open
+from training_core.atomic import atomic_path
 from training_core.config import TrainConfig
 from training_core.model import SegmentationModel
 
@@ -37,6 +43,10 @@ _UNREADABLE = (RuntimeError, EOFError, OSError, pickle.UnpicklingError)
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint file that cannot be read back (truncated, garbled, or missing keys)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint file that could not be written (most often a full disk); the message names the file."""
 
 
 def step_checkpoint_name(step: int) -> str:
@@ -85,6 +95,47 @@ def restore_rng_state(state: dict[str, Any], generators: dict[str, torch.Generat
         gen.set_state(state["generators"][name])
 
 
+def checkpoint_bytes(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: TrainConfig,
+    losses: dict[str, float] | None = None,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    data_versions: Mapping[str, str] | None = None,
+) -> bytes:
+    """The checkpoint serialised in memory: writing it is then a plain file write, whose failure is an OSError
+    with its errno (``torch.save`` into a file reports a full disk as a RuntimeError of its zip writer)."""
+    payload = {
+        "model": unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "config": config.model_dump(mode="json"),
+        "rng": capture_rng_state(generators),
+        "losses": {name: float(value) for name, value in (losses or {}).items()},
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "data_versions": dict(data_versions or {}),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+@contextmanager
+def _checkpoint_file(path: Path) -> Iterator[Path]:
+    """``atomic_path`` whose OSErrors name the checkpoint (a failed fsync or rename names no file)."""
+    try:
+        with atomic_path(path) as tmp:
+            yield tmp
+    except CheckpointWriteError:
+        raise
+    except OSError as error:
+        message = f"{path}: cannot write the checkpoint: {error.strerror or error} (disk full?)"
+        raise CheckpointWriteError(error.errno, message) from error
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -99,19 +150,36 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint to ``path`` atomically (``training_core.atomic``: a failed write keeps the old file)."""
     path = Path(path)
-    payload = {
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": int(step),
-        "config": config.model_dump(mode="json"),
-        "rng": capture_rng_state(generators),
-        "losses": {name: float(value) for name, value in (losses or {}).items()},
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "data_versions": dict(data_versions or {}),
-    }
-    with atomic_open(path, "wb") as handle:
-        torch.save(payload, handle)
+    data = checkpoint_bytes(
+        model=model,
+        optimizer=optimizer,
+        step=step,
+        config=config,
+        losses=losses,
+        generators=generators,
+        scaler=scaler,
+        data_versions=data_versions,
+    )
+    with _checkpoint_file(path) as tmp:
+        tmp.write_bytes(data)
     return path
+
+
+def write_checkpoint(checkpoint_dir: str | Path, step: int, data: bytes) -> Path:
+    """``step-NNNNNN.pt`` and ``last.pt``, both holding ``data`` (``checkpoint_bytes`` of ``step``); returns
+    the step file.
+
+    Both temp files are written before either is renamed into place, ``last.pt`` first: a failed write
+    advances neither (and removes both temps), and a crash between the two renames leaves ``last.pt`` newer
+    than the newest step file, never older, so a resume never goes back past a step that was saved.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    step_path = checkpoint_dir / step_checkpoint_name(step)
+    with _checkpoint_file(step_path) as step_tmp:
+        step_tmp.write_bytes(data)
+        with _checkpoint_file(checkpoint_dir / LAST_NAME) as last_tmp:
+            last_tmp.write_bytes(data)
+    return step_path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -168,6 +169,21 @@ class TrainConfig(StrictModel):
         return self
 
 
+def validation_message(error: ValidationError, names: Mapping[str, str] | None = None) -> str:
+    """pydantic's errors on one line: ``field.path: problem (got value)`` each, ``; ``-separated.
+
+    ``names`` renames a dotted field path (e.g. to the command-line flag that set it)."""
+    parts = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"])
+        problem = item["msg"].removeprefix("Value error, ")  # our own validators' messages name their fields
+        if where and not isinstance(item["input"], Mapping):  # a whole section's value would be noise
+            problem += f" (got {item['input']!r:.60})"
+        where = (names or {}).get(where, where)
+        parts.append(f"{where}: {problem}" if where else problem)
+    return "; ".join(parts)
+
+
 def load_config(path: str | Path | None) -> TrainConfig:
     """The training config in ``path``: a Python module exposing ``get_config()`` or ``CONFIG`` (a
     TrainConfig or a dict), or a YAML file of TrainConfig fields. ``None`` gives the defaults."""
@@ -177,11 +193,21 @@ def load_config(path: str | Path | None) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.suffix in (".yaml", ".yml"):
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+        except yaml.YAMLError as error:  # not a ValueError: a syntax error would otherwise be a traceback
+            mark = getattr(error, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise ValueError(f"{path}: {where}not valid YAML: {getattr(error, 'problem', None) or error}") from None
     elif path.suffix == ".py":
         spec = importlib.util.spec_from_file_location(f"_train_config_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as error:  # the .py counterpart of a YAML syntax error
+            raise ValueError(f"{path}: line {error.lineno}: Python syntax error: {error.msg}") from None
         if hasattr(module, "get_config"):
             raw = module.get_config()
         elif hasattr(module, "CONFIG"):
@@ -195,4 +221,4 @@ def load_config(path: str | Path | None) -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
-        raise ValueError(f"config file {path}: {error}") from error
+        raise ValueError(f"{path}: {validation_message(error)}") from None

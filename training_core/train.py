@@ -12,7 +12,13 @@ Outputs in ``checkpoint_dir``: ``step-000050.pt`` ... and ``last.pt`` (see ``tra
 ``torchrun`` only rank 0 writes.
 
 Resuming checks the checkpoint's config against the new one: only ``RESUMABLE_FIELDS`` may differ, unless
-the caller overrides (the override is logged). A damaged ``last.pt`` falls back to the newest intact step file.
+the caller overrides (the override is logged, and the optimizer trains with the new lr and weight decay). A
+damaged ``last.pt`` falls back to the newest intact step file.
+
+Bad data met mid-training (a damaged training tile, or a val tile that periodic evaluation cannot read)
+stops training with ``TrainingStoppedError``, after checkpointing the steps done since the last checkpoint:
+nothing is lost, and a resume continues once the data is fixed (or ``eval_every`` is 0). The CLI reports
+every user error (``runtime_export.cli``) as one line.
 """
 
 from __future__ import annotations
@@ -21,8 +27,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -34,23 +38,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.tensorboard import SummaryWriter
 
+from runtime_export.cli import USER_ERRORS, error_line, run_cli
+from training_core.atomic import atomic_write_text
 from training_core.checkpoint import (
-    LAST_NAME,
-    DamagedCheckpointError,
+    CheckpointWriteError,
     capture_rng_state,
+    checkpoint_bytes,
     latest_checkpoint,
     load_latest_checkpoint,
     restore_rng_state,
-    save_checkpoint,
     step_checkpoint_name,
+    write_checkpoint,
 )
-from training_core.config import DataConfig, TrainConfig, load_config
+from training_core.config import DataConfig, TrainConfig, load_config, validation_message
 from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import processed_dataset_ids
 from training_core.data.views import make_views
@@ -66,6 +74,7 @@ from training_core.losses import AllReduce, two_view_losses
 from training_core.model import SegmentationModel
 from training_core.shards import read_manifest
 
+PROG = "python -m training_core.train"
 LOG_NAME = "train_log.jsonl"
 LOSS_PARTS = ("total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness", "cross_view_mi")
 # Config fields (dotted paths) a resume may change: how long, where and how often to log, checkpoint and
@@ -105,6 +114,14 @@ class TrainResult:
 
 class ConfigMismatchError(ValueError):
     """``resume`` found a checkpoint trained under another config."""
+
+
+class TrainingStoppedError(ValueError):
+    """Bad data met mid-training; the steps done were checkpointed first (the message says where)."""
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A NaN or infinite loss (e.g. a learning rate too high): a ValueError, so the CLI reports one line."""
 
 
 @dataclass(frozen=True)
@@ -193,7 +210,7 @@ def endless_batches(loader: DataLoader, skip: int = 0) -> Iterator[dict]:
                 continue
             yield batch
         if not yielded:
-            raise RuntimeError("the data loader yielded no batches: check data.source, dataset_ids and max_samples")
+            raise ValueError("the data loader yielded no batches: check data.source, dataset_ids and max_samples")
         epoch += 1
 
 
@@ -216,16 +233,16 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _write_checkpoint(checkpoint_dir: Path, step: int, **state: object) -> Path:
-    """``step-XXXXXX.pt``, then an atomic copy of it to ``last.pt``; returns the step file."""
-    step_path = save_checkpoint(checkpoint_dir / step_checkpoint_name(step), step=step, **state)
-    tmp_last = checkpoint_dir / f".{LAST_NAME}.tmp"
-    with step_path.open("rb") as source, tmp_last.open("wb") as target:
-        shutil.copyfileobj(source, target)
-        target.flush()
-        os.fsync(target.fileno())
-    tmp_last.replace(checkpoint_dir / LAST_NAME)
-    return step_path
+def _original_message(error: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback.
+
+    torch re-raises it in the main process as the same type with the worker's whole traceback as the
+    message, whose last line is ``module.Type: message``."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error_line(error)
+    last = text.rstrip().splitlines()[-1]
+    return " ".join(last.split(": ", 1)[-1].split())
 
 
 def _trim_log(log_path: Path, keep_through_step: int) -> None:
@@ -241,9 +258,7 @@ def _trim_log(log_path: Path, keep_through_step: int) -> None:
             continue
         if step <= keep_through_step:
             kept.append(line)
-    tmp = log_path.with_name(f".{log_path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(log_path)
+    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -380,7 +395,9 @@ def _train(
     start_step, last_losses, checkpoint_path, overridden = 0, {}, None, {}
     existing = latest_checkpoint(checkpoint_dir)
     if existing is not None and not resume:
-        raise FileExistsError(f"{checkpoint_dir} already holds {existing.name}: resume, or train into an empty dir")
+        raise FileExistsError(
+            f"{checkpoint_dir} already holds {existing.name}: resume (--resume), or train into an empty dir"
+        )
     loaded = load_latest_checkpoint(checkpoint_dir) if resume else None
     if loaded is not None:
         existing, checkpoint = loaded
@@ -393,8 +410,18 @@ def _train(
             )
         if overridden:
             warnings.warn(f"resuming {existing} under a changed config: {_describe(overridden)}", stacklevel=3)
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError:  # an override of a model field that shapes the weights
+            changed = {path: values for path, values in overridden.items() if path.startswith("model.")}
+            raise ConfigMismatchError(
+                f"{existing}: its weights do not fit the model config now ({_describe(changed)}): an override cannot "
+                "change the architecture; train into a new checkpoint dir"
+            ) from None
         optimizer.load_state_dict(checkpoint["optimizer"])
+        # The optimizer's state carries the checkpoint's lr and weight decay: train with the ones recorded now.
+        for group in optimizer.param_groups:
+            group.update(lr=config.lr, weight_decay=config.weight_decay)
         if checkpoint.get("scaler") is not None:  # absent in checkpoints written without AMP scaling
             scaler.load_state_dict(checkpoint["scaler"])
         restore_rng_state(checkpoint["rng"])
@@ -416,7 +443,41 @@ def _train(
     stop = _StopRequest()
     interrupted = False
     started = time.perf_counter()
-    step = start_step
+    step = saved_step = start_step
+
+    def save() -> Path:
+        """Checkpoint the ``step`` steps done (rank 0 writes; every rank gets the path)."""
+        nonlocal saved_step
+        if dist_ctx.is_main:
+            state = checkpoint_bytes(
+                model=model,
+                optimizer=optimizer,
+                step=step,
+                config=config,
+                losses=last_losses,
+                scaler=scaler,
+                data_versions=versions,
+            )
+            try:
+                write_checkpoint(checkpoint_dir, step, state)
+            except CheckpointWriteError as error:
+                kept = f"resume from {checkpoint_path}" if checkpoint_path else "no earlier checkpoint to resume from"
+                raise CheckpointWriteError(
+                    error.errno, f"{error.strerror}; training stopped at step {step}: {kept} once there is space"
+                ) from error
+        saved_step = step
+        return checkpoint_dir / step_checkpoint_name(step)
+
+    def stopped(what: str, error: BaseException, remedy: str) -> TrainingStoppedError:
+        """The error that ends training on bad data, once the steps done since the last checkpoint are saved."""
+        nonlocal checkpoint_path
+        if step > saved_step:
+            checkpoint_path = save()
+        done = f"steps 1-{step} are saved in {checkpoint_path}" if checkpoint_path else "no step was done"
+        return TrainingStoppedError(
+            f"{what}: {_original_message(error)}. Training stopped; {done}. {remedy}"
+        )
+
     model.train()
     with contextlib.ExitStack() as stack:
         stack.enter_context(stop.on_sigterm())
@@ -435,7 +496,12 @@ def _train(
             plan = plan_step(config, step)
             sums = torch.zeros(len(LOSS_PARTS), device=policy.device)
             for micro in range(config.grad_accum):
-                images, valid = device_inputs(next(batches), policy.device)
+                try:
+                    batch = next(batches)
+                except USER_ERRORS as error:  # a damaged tile or shard
+                    what = f"reading the training data for step {step + 1}"
+                    raise stopped(what, error, "Fix the data, then resume (--resume)") from error
+                images, valid = device_inputs(batch, policy.device)
                 generator = view_generator(config.seed, step, dist_ctx.rank, micro, policy.device)
                 # DDP all-reduces gradients once per step: skip the sync on all but the last micro-batch.
                 last_micro = micro == config.grad_accum - 1
@@ -450,7 +516,7 @@ def _train(
             losses = dict(zip(LOSS_PARTS, reduced[:-1], strict=True))
             interrupted = reduced[-1] > 0
             if not all(math.isfinite(value) for value in losses.values()):
-                raise FloatingPointError(
+                raise NonFiniteLossError(
                     f"non-finite loss at step {step + 1} ({losses}); stopped without updating the weights. "
                     f"Last good checkpoint: {checkpoint_path or 'none yet'}"
                 )
@@ -480,16 +546,18 @@ def _train(
                 if progress is not None and (step % config.log_every == 0 or step == end_step):
                     progress(record)
             if step % config.checkpoint_every == 0 or step == end_step or interrupted:
-                checkpoint_path = checkpoint_dir / step_checkpoint_name(step)
-                if dist_ctx.is_main:
-                    state = {"model": model, "optimizer": optimizer, "config": config, "scaler": scaler}
-                    _write_checkpoint(checkpoint_dir, step, losses=last_losses, data_versions=versions, **state)
+                checkpoint_path = save()
             if interrupted:
                 break
             # Rank 0 only (the others wait at the next step's reduction); after the checkpoint, so a long
-            # evaluation never delays it.
+            # evaluation never delays it. A val tile it cannot read stops training (steps checkpointed first)
+            # rather than leaving the eval curves silently incomplete.
             if to_evaluate and step % config.eval_every == 0:
-                evaluate_into(writer, model, config, to_evaluate, step)
+                try:
+                    evaluate_into(writer, model, config, to_evaluate, step)
+                except USER_ERRORS as error:
+                    remedy = "Fix the val data, or resume without periodic evaluation (--resume --eval-every 0)"
+                    raise stopped(f"periodic evaluation at step {step}", error, remedy) from error
     dist_ctx.barrier()  # no rank leaves before rank 0 has written the last checkpoint
     wall_s = time.perf_counter() - started
     return TrainResult(
@@ -507,7 +575,7 @@ def _train(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training_core.train",
+        prog=PROG,
         description="Train the segmentation model (flags override the --config file; torchrun for DDP).",
     )
     parser.add_argument("--config", help="Python module with get_config()/CONFIG, or a YAML file")
@@ -561,19 +629,33 @@ _OVERRIDES = {
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The --config file (or the defaults) with every flag that was given written over it."""
+    """The --config file (or the defaults) with every flag that was given written over it.
+
+    A bad value is a ValueError naming the flag that gave it (or the field, when the file did)."""
     raw = load_config(args.config).model_dump()
+    given = {}
     for flag, (section, field) in _OVERRIDES.items():
         value = getattr(args, flag)
         if value is not None:
             (raw[section] if section else raw)[field] = value
-    return TrainConfig.model_validate(raw)
+            given[f"{section}.{field}" if section else field] = "--" + flag.replace("_", "-")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(validation_message(error, given)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; a user error (bad flag, config, data, checkpoint, full disk) is one line on stderr, exit 2."""
+    return run_cli(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse_args(argv)
     config = config_from_args(args)
-    try:
+    # Inside an Env, GDAL's errors (a truncated tile's) reach rasterio, which raises them, instead of being
+    # printed on stderr beside the one line naming the file.
+    with rasterio.Env():
         result = train(
             config,
             Path(args.checkpoint_dir),
@@ -581,9 +663,6 @@ def main(argv: list[str] | None = None) -> int:
             progress=lambda row: print(progress_line(row, config.steps), file=sys.stderr, flush=True),
             override_config=args.override_config,
         )
-    except (ConfigMismatchError, DamagedCheckpointError) as error:  # a resume refused, or nothing to resume from
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     if context_from_env().is_main:
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}))
     if result.interrupted:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import random
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import torch
 
 from training_core.checkpoint import (
     LAST_NAME,
+    CheckpointWriteError,
     DamagedCheckpointError,
+    checkpoint_bytes,
     latest_checkpoint,
     load_checkpoint,
     load_latest_checkpoint,
@@ -19,6 +23,7 @@ from training_core.checkpoint import (
     restore_rng_state,
     save_checkpoint,
     step_checkpoint_name,
+    write_checkpoint,
 )
 from training_core.config import ModelConfig, TrainConfig
 from training_core.model import SegmentationModel
@@ -134,3 +139,48 @@ def test_damaged_last_falls_back_to_the_newest_intact_step(tmp_path: Path) -> No
     (tmp_path / step_checkpoint_name(5)).write_bytes(b"")
     with pytest.raises(DamagedCheckpointError, match=f"no intact checkpoint in {tmp_path}"):
         load_latest_checkpoint(tmp_path)
+
+
+def _state(step: int) -> bytes:
+    config = _tiny_config()
+    model = SegmentationModel(config.model)
+    return checkpoint_bytes(model=model, optimizer=torch.optim.AdamW(model.parameters()), step=step, config=config)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_write_checkpoint_gives_the_step_file_and_last_the_same_bytes(tmp_path: Path) -> None:
+    data = _state(4)
+    assert write_checkpoint(tmp_path, 4, data) == tmp_path / step_checkpoint_name(4)
+    assert (tmp_path / LAST_NAME).read_bytes() == data == (tmp_path / step_checkpoint_name(4)).read_bytes()
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST_NAME, step_checkpoint_name(4)]
+
+
+@pytest.mark.parametrize("failing_write", [1, 2], ids=["step file", "last.pt"])
+def test_a_full_disk_mid_checkpoint_advances_neither_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_write: int
+) -> None:
+    """The disk fills part-way through the step file's temp (1st write) or last.pt's (2nd): one error naming the
+    file, the previous step file and last.pt as they were (last.pt never older than a step file), no temp left."""
+    write_checkpoint(tmp_path, 3, _state(3))
+    before = _digests(tmp_path)
+    real_write = Path.write_bytes
+    writes = []
+
+    def fills_the_disk(path: Path, data: bytes) -> int:
+        writes.append(path)
+        if len(writes) == failing_write:
+            real_write(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fills_the_disk)
+    target = [step_checkpoint_name(6), LAST_NAME][failing_write - 1]
+    with pytest.raises(CheckpointWriteError, match=rf"{tmp_path / target}: cannot write the checkpoint: No space left"):
+        write_checkpoint(tmp_path, 6, _state(6))
+    assert writes[0].name.startswith(f".{step_checkpoint_name(6)}.")  # temps are hidden siblings
+    assert _digests(tmp_path) == before, "no file advanced and no temp file is left"
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 3

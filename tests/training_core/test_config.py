@@ -49,16 +49,27 @@ def test_named_recipes_load_and_are_listed(path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("bad.yaml", "stepz: 5\n", r"(?s)bad\.yaml.*stepz.*Extra inputs"),
+        ("bad.yaml", "stepz: 5\n", r"bad\.yaml: stepz: Extra inputs are not permitted \(got 5\)$"),
+        (
+            "type.yaml",
+            "model: {max_k: many}\n",
+            r"type\.yaml: model\.max_k: Input should be a valid integer, .* \(got 'many'\)$",
+        ),
+        ("syntax.yaml", "model: {embed_dim: 8\n", r"syntax\.yaml: line 2, column 1: not valid YAML: expected ','"),
+        ("list.yaml", "- 1\n", r"list\.yaml: Input should be a valid dictionary"),
+        ("range.yaml", "k_min: 20\n", r"range\.yaml: k_min=20 exceeds model\.max_k=16$"),
+        ("binary.yaml", "steps: \xff\n", r"binary\.yaml: not a UTF-8 text file"),
+        ("syntax.py", "CONFIG = {\n", r"syntax\.py: line 1: Python syntax error: '\{' was never closed"),
         ("empty.py", "X = 1\n", r"empty\.py defines neither get_config\(\) nor CONFIG"),
         ("odd.toml", "", r"odd\.toml: expected \.py, \.yaml or \.yml"),
     ],
 )
 def test_bad_files_name_the_file_and_the_problem(tmp_path: Path, name: str, text: str, message: str) -> None:
     path = tmp_path / name
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=message) as caught:
         load_config(path)
+    assert "\n" not in str(caught.value), "one line: the CLI prints it as is"
 
 
 def test_missing_file() -> None:
@@ -89,3 +100,16 @@ def test_cli_flags_override_the_config_file(tmp_path: Path) -> None:
     assert (config.steps, config.lr, config.amp) == (2, 0.01, True)
     assert (config.data.source, config.data.processed_root, config.data.dataset_ids) == ("shards", "/p", ["a", "b"])
     assert (config.data.num_workers, config.data.max_samples) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--steps -3", r"^--steps: Input should be greater than or equal to 1 \(got -3\)$"),
+        ("--patch-size 36", r"^data\.downsample factor 2: data\.patch_size=36 must be divisible by 4 \* factor$"),
+        ("--lr 0 --batch-size 0", r"^--batch-size: .* \(got 0\); --lr: Input should be greater than 0 \(got 0\.0\)$"),
+    ],
+)
+def test_bad_flag_values_name_the_flag(flags: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        config_from_args(_parse_args(["--checkpoint_dir", "x", *flags.split()]))

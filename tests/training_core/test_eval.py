@@ -17,6 +17,7 @@ from training_core.config import ModelConfig, TrainConfig
 from training_core.eval import (
     BASELINE,
     CONSTANT,
+    DECISION_MARGIN,
     MODEL,
     UNTRAINED,
     KMeansRGB,
@@ -25,11 +26,13 @@ from training_core.eval import (
     SplitTiles,
     evaluate_checkpoint,
     evaluate_model,
+    evaluate_synthetic,
     evaluate_tiles,
     main,
     read_tile,
     render_comparison,
     runtime_of,
+    verdicts,
 )
 from training_core.model import SegmentationModel
 from training_core.shards import build_shards
@@ -260,9 +263,13 @@ def test_cli_shards_report_to_stdout_and_file(quebec_shards: Path, checkpoint: P
     assert printed["val_miou"] is not None and printed["baseline_miou"] is not None
 
 
-def test_cli_requires_shard_arguments() -> None:
-    with pytest.raises(SystemExit, match="--processed-root"):
+def test_cli_requires_shard_arguments(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
         main(["--data-source", "shards", "--dataset-id", "x"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m training_core.eval: error: --data-source shards needs --processed-root, --checkpoint"
+    )
 
 
 def test_cli_synthetic_proxies(tmp_path: Path, capsys) -> None:
@@ -302,3 +309,45 @@ def test_baseline_fits_one_set_of_centres_for_the_dataset() -> None:
     # One set of centres: the same colour gets the same cluster id in every tile.
     dark, bright = np.zeros((3, 1, 1), np.uint8), np.full((3, 1, 1), 255, np.uint8)
     assert baseline.predict(dark, None)[2][0, 0] == 0 and baseline.predict(bright, None)[2][0, 0] == 1
+
+
+def test_a_near_tie_is_no_verdict_and_the_report_says_by_how_much() -> None:
+    """kampala 0.4655 vs its untrained twin's 0.4653 reads as a tie, not as "training helped"."""
+    tie = verdicts(model=0.4655, baseline=0.4420, untrained=0.4653)
+    assert tie["training_helped"] is False and tie["model_minus_untrained"] == pytest.approx(0.0002)
+    assert tie["model_beats_baseline"] is True and tie["model_minus_baseline"] == pytest.approx(0.0235)
+    assert tie["decision_margin"] == DECISION_MARGIN == 0.02
+    just_inside = verdicts(model=0.46, baseline=0.46 - DECISION_MARGIN / 2, untrained=0.46 - 2 * DECISION_MARGIN)
+    assert (just_inside["model_beats_baseline"], just_inside["training_helped"]) == (False, True)
+    assert verdicts(None, 0.4, 0.4) == {
+        "decision_margin": DECISION_MARGIN,
+        "model_minus_baseline": None,
+        "model_beats_baseline": None,
+        "model_minus_untrained": None,
+        "training_helped": None,
+    }
+
+
+def test_report_json_carries_the_verdicts_with_margin_and_differences(quebec_shards: Path, checkpoint: Path) -> None:
+    """The checkpoint holds the untrained weights: the model ties its untrained twin exactly, so no verdict."""
+    report = evaluate_checkpoint(checkpoint, quebec_shards, "quebec_buildings").to_dict()
+    assert report["model_minus_untrained"] == 0.0 and report["training_helped"] is False
+    assert report["decision_margin"] == DECISION_MARGIN
+    difference = report["val_miou"] - report["baseline_miou"]
+    assert report["model_minus_baseline"] == difference
+    assert report["model_beats_baseline"] == (difference > DECISION_MARGIN)
+
+
+def test_k_outside_the_models_range_is_refused_before_any_tile_is_read() -> None:
+    model, _ = _small_model()  # max_k 8
+    for k in (1, 9, 100):
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 8\]"):
+            evaluate_synthetic(model, k, seed=0, n_tiles=1, tile_size=32)
+
+
+def test_a_dataset_without_val_tiles_is_refused(tmp_path: Path) -> None:
+    processed = tmp_path / "processed"
+    build_shards(SAMPLE_ROOT, processed, "unlabeled_scenes")
+    model, config = _small_model()
+    with pytest.raises(ValueError, match=r"unlabeled_scenes: no `val` tiles to score"):
+        evaluate_model(model, config, processed, "unlabeled_scenes")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,14 @@ from training_core.checkpoint import LAST_NAME, load_checkpoint, step_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.device import device_policy
 from training_core.model import SegmentationModel
-from training_core.train import ConfigMismatchError, StepPlan, step_losses, train, view_generator
+from training_core.train import (
+    ConfigMismatchError,
+    StepPlan,
+    TrainingStoppedError,
+    step_losses,
+    train,
+    view_generator,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KAMPALA = REPO / "sample_data" / "extracted" / "kampala_buildings" / "images"
@@ -287,10 +296,111 @@ def test_cli_resume_names_the_changed_fields_then_overrides(tmp_path: Path, caps
     capsys.readouterr()
     assert train_module.main([*args, "--steps", "2", "--resume", "--seed", "5", "--data-source", "geo"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("python -m training_core.train: error: ") and err.count("\n") == 1
     assert "data.source ('synthetic' in the checkpoint, 'geo' now), seed (42 in the checkpoint, 5 now)" in err
     assert "--override-config" in err
     with pytest.warns(UserWarning, match=r"under a changed config: seed \(42 in the checkpoint, 5 now\)"):
         assert train_module.main([*args, "--steps", "2", "--resume", "--seed", "5", "--override-config"]) == 0
     assert load_checkpoint(ckpt / LAST_NAME)["config"]["seed"] == 5
     assert _log(ckpt / "train_log.jsonl")[1]["changed"] == {"seed": {"checkpoint": 42, "now": 5}}
+
+
+def test_resume_override_trains_with_the_recorded_learning_rate(tmp_path: Path) -> None:
+    """An overridden lr and weight decay reach the optimizer, not only the log: the resumed step's update is the
+    same direction scaled by the new lr (AdamW's update is lr times the moment ratio)."""
+    train(_tiny_config(steps=2), tmp_path / "base", resume=False)
+    # The optimizer's parameters (buffers such as batch-norm statistics move whatever the lr).
+    trained = [name for name, p in SegmentationModel(_tiny_config().model).named_parameters() if p.requires_grad]
+    updates = {}
+    for lr in (1e-3, 0.5):
+        ckpt = tmp_path / f"lr{lr}"
+        ckpt.mkdir()
+        for name in (LAST_NAME, step_checkpoint_name(2)):
+            (ckpt / name).write_bytes((tmp_path / "base" / name).read_bytes())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the override's own warning (tested above)
+            train(_tiny_config(steps=3, lr=lr, weight_decay=0.0), ckpt, resume=True, override_config=True)
+        resumed = load_checkpoint(ckpt / LAST_NAME)
+        assert resumed["step"] == 3 and resumed["config"]["lr"] == lr
+        assert {group["lr"] for group in resumed["optimizer"]["param_groups"]} == {lr}
+        assert [(row["step"], row["lr"]) for row in _log(ckpt / "train_log.jsonl") if "lr" in row] == [(3, lr)]
+        before = load_checkpoint(ckpt / step_checkpoint_name(2))["model"]
+        updates[lr] = torch.cat([(resumed["model"][n] - before[n]).flatten().double() for n in trained])
+    # The same direction, 500 times as long (float32 weights round the small update in its last bits).
+    small, large = updates[1e-3], updates[0.5]
+    assert float(large.norm() / small.norm()) == pytest.approx(500, rel=1e-3)
+    assert float(torch.nn.functional.cosine_similarity(small, large, dim=0)) > 0.9999
+
+
+def test_resume_override_of_the_architecture_is_refused(tmp_path: Path) -> None:
+    train(_tiny_config(steps=2), tmp_path, resume=False)
+    wider = _tiny_config(steps=3, model=ModelConfig(embed_dim=12, max_k=4))
+    with pytest.raises(ConfigMismatchError, match=r"weights do not fit the model config now \(model\.embed_dim \(8"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            train(wider, tmp_path, resume=True, override_config=True)
+    assert load_checkpoint(tmp_path / LAST_NAME)["step"] == 2
+
+
+@pytest.fixture(scope="module")
+def kampala_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training_core.shards import build_shards
+
+    processed = tmp_path_factory.mktemp("processed")
+    build_shards(REPO / "sample_data" / "extracted", processed, "kampala_buildings")
+    return processed
+
+
+def _damage_one(folder: Path) -> tuple[Path, bytes]:
+    """Truncate the first tile of a split's shard (as a copy cut short would); returns it and its bytes."""
+    tile = sorted(folder.rglob("inputs/*.tif"))[0]
+    good = tile.read_bytes()
+    tile.write_bytes(good[:3000])
+    return tile, good
+
+
+def _shards_config(processed: Path, **overrides: object) -> TrainConfig:
+    data = DataConfig(source="shards", processed_root=str(processed), dataset_ids=["kampala_buildings"], patch_size=32)
+    return _tiny_config(data=data, **overrides)
+
+
+def _same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_damaged_val_tile_stops_training_after_checkpointing_then_resume_loses_nothing(
+    kampala_shards: Path, tmp_path: Path
+) -> None:
+    """Periodic evaluation at step 3 (checkpoints every 10) meets a truncated val tile: steps 1-3 are saved first,
+    the error names the tile, and resuming without evaluation ends where a run that never evaluated ends."""
+    processed = tmp_path / "processed"
+    shutil.copytree(kampala_shards, processed)
+    tile, _ = _damage_one(processed / "kampala_buildings" / "val")
+    config = _shards_config(processed, steps=5, checkpoint_every=10, eval_every=3)
+    with pytest.raises(TrainingStoppedError, match=rf"periodic evaluation at step 3: {tile}: .*steps 1-3 are saved"):
+        train(config, tmp_path / "ckpt", resume=False)
+    assert load_checkpoint(tmp_path / "ckpt" / LAST_NAME)["step"] == 3
+    resumed = train(config.model_copy(update={"eval_every": 0}), tmp_path / "ckpt", resume=True)
+    straight = train(config.model_copy(update={"eval_every": 0}), tmp_path / "straight", resume=False)
+    assert resumed.steps == straight.steps == 5
+    _same_weights(straight.checkpoint_path, resumed.checkpoint_path)
+
+
+def test_a_damaged_training_tile_stops_training_after_checkpointing(kampala_shards: Path, tmp_path: Path) -> None:
+    """A truncated train tile met at step N saves steps 1..N-1 first; once the tile is fixed, the resume ends
+    with the weights of a run that never stopped."""
+    processed = tmp_path / "processed"
+    shutil.copytree(kampala_shards, processed)
+    config = _shards_config(processed, steps=20, checkpoint_every=50, batch_size=4)
+    straight = train(config, tmp_path / "straight", resume=False)
+    tile, good = _damage_one(processed / "kampala_buildings" / "train")
+    with pytest.raises(TrainingStoppedError, match=rf"reading the training data for step \d+: {tile}") as stopped:
+        train(config, tmp_path / "ckpt", resume=False)
+    saved = load_checkpoint(tmp_path / "ckpt" / LAST_NAME)["step"]
+    assert 0 < saved < 20 and f"steps 1-{saved} are saved" in str(stopped.value)
+    tile.write_bytes(good)
+    resumed = train(config, tmp_path / "ckpt", resume=True)
+    assert resumed.steps == 20
+    _same_weights(straight.checkpoint_path, resumed.checkpoint_path)
