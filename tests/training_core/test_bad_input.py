@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from training_core.datasets.errors import DatasetError
-from training_core.datasets.scan import extract_header
+from training_core.datasets.scan import extract_header, scan_dataset
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.headers import main as headers_main
 from training_core.shards import INDEX_FILENAME, build_shards, read_index, shard_dirs, verify_shards
@@ -235,3 +235,24 @@ def test_header_cli_writes_nothing_on_bad_input(built, tmp_path: Path, capsys) -
 def test_header_stating_other_channels_is_rejected(built) -> None:
     commit_header(built[0], lambda data: data["modalities"][0].update(channels=4))
     rebuild_fails(built, r"images/\w+.tif: modality 'rgb': channels: has 3 bands, expected 4")
+
+
+def test_valid_pixels_are_counted_strip_by_strip(tmp_path: Path, write_tif, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validity is counted one bounded strip at a time (memory does not grow with the raster): a raster whose only
+    valid pixels are in its last strip passes; with that row nodata too it is refused, named."""
+    monkeypatch.setattr("training_core.datasets.rasters.BLOCK_BYTES", 3 * 16 * 2)  # 2-row strips of a 16-wide raster
+    pixels = np.zeros((3, 16, 16), np.uint8)
+    pixels[:, 15, 3] = 200
+    dataset = tmp_path / "extracted" / "sparse"
+    write_tif(dataset / "images" / "a.tif", pixels, nodata=0)
+    write_tif(dataset / "images" / "b.tif", np.full((3, 16, 16), 9, np.uint8), nodata=0)
+    scan = scan_dataset(dataset, workers=1)
+    assert [f.valid_pixels for f in scan.facts] == [1, 256]
+    pixels[:, 15, 3] = 0
+    write_tif(dataset / "images" / "a.tif", pixels, nodata=0)
+    with pytest.raises(DatasetError, match=r"images/a.tif: no valid pixel \(every pixel is nodata, masked or alpha 0"):
+        scan_dataset(dataset, workers=1)
+    for path in (dataset / "images").iterdir():
+        write_tif(path, np.zeros((3, 16, 16), np.uint8), nodata=0)
+    with pytest.raises(DatasetError, match=r"dataset 'sparse': no valid input pixel in any of its 2 files"):
+        scan_dataset(dataset, workers=1)

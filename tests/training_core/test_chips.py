@@ -395,3 +395,20 @@ def test_peak_memory_of_a_build_is_bounded_by_the_chip_not_the_raster(tmp_path: 
     lo, hi = header.input.value_range  # pooled from the 16 chips' samples of the uniform ramp 100..4099
     assert 100 <= lo < 300 and 3900 < hi <= 4100
     assert verify_shards(tmp_path / "processed", "ortho") == []
+
+
+def test_an_all_nodata_chip_is_kept_and_an_all_nodata_raster_is_refused(tmp_path: Path, write_tif) -> None:
+    """The no-valid-pixel rule is per file: a chip of nodata border is part of a raster with valid pixels and is
+    built; a chipped raster that is nodata in every chip is refused, named."""
+    dataset = tmp_path / "extracted" / "border"
+    pixels = np.full((3, 64, 128), 90, np.uint8)
+    pixels[:, :, :64] = 0  # the left chip is all nodata
+    write_tif(dataset / "images" / "scene.tif", pixels, nodata=0)
+    write_tif(dataset / "images" / "small.tif", np.full((3, 32, 32), 90, np.uint8), nodata=0)
+    commit_header(dataset, chip_size=64)
+    report = build_shards(dataset.parent, tmp_path / "processed", "border", workers=1)
+    assert report.tile_counts["train"] == 3  # scene@r0_c0 (nodata), scene@r0_c64, small
+    write_tif(dataset / "images" / "scene.tif", np.zeros((3, 64, 128), np.uint8), nodata=0)
+    with pytest.raises(DatasetError, match=r"images/scene.tif: no valid pixel .*1 of the 2 input files have none"):
+        build_shards(dataset.parent, tmp_path / "again", "border", workers=1)
+    assert not (tmp_path / "again" / "border").exists()

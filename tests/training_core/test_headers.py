@@ -324,7 +324,44 @@ def test_cli_writes_headers_and_dry_run_writes_nothing(sample_extracted: Path, t
 def test_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
     (tmp_path / "broken" / "images").mkdir(parents=True)
     assert main(["--extracted-root", str(tmp_path)]) == 2
-    assert "empty dataset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("segpipe-headers: error: ") and "broken: empty dataset" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value_range", [[0, math.inf], [-math.inf, 1], [math.nan, 1], [0, math.nan], [5, 5], [6, 5]])
+def test_value_range_must_be_two_finite_numbers_lo_below_hi(tmp_path: Path, write_tif, value_range: list) -> None:
+    """An infinite or NaN bound scales every pixel to 0 (or NaN), lo >= hi has no scale: refused, field named."""
+    with pytest.raises(ValueError, match=r"value_range .*need \[lo, hi\], two finite numbers with lo below hi"):
+        Modality(name="rgb", role="input", pattern="images/*.tif", dtype="uint16", value_range=value_range)
+    write_tif(tmp_path / "toy" / "images" / "a.tif", np.full((3, 8, 8), 300, np.uint16))
+    header = extract_header(tmp_path / "toy", workers=1).model_dump(mode="json")
+    header["modalities"][0]["value_range"] = value_range
+    (tmp_path / "toy" / HEADER_FILENAME).write_text(yaml.safe_dump(header))  # YAML's .inf and .nan
+    with pytest.raises(DatasetError, match=rf"{HEADER_FILENAME}: invalid dataset header: modalities.0.value_range: "):
+        extract_header(tmp_path / "toy", workers=1)
+
+
+def test_a_licence_file_leading_out_of_the_dataset_is_refused_unread(tmp_path: Path, write_tif) -> None:
+    """Read by the licence rule even when discovery walks only source_root: its first line would be printed and
+    shipped in meta.json. A licence file linked inside the dataset folder is read."""
+    dataset = tmp_path / "toy"
+    write_tif(dataset / "images" / "a.tif", np.zeros((3, 8, 8), np.uint8) + 5)
+    header = extract_header(dataset, workers=1).model_dump(mode="json")
+    header |= {"source_root": "images", "licence": None}
+    header["modalities"][0]["pattern"] = "*.tif"
+    (dataset / HEADER_FILENAME).write_text(yaml.safe_dump(header))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:root\n")
+    secret.chmod(0o600)
+    (dataset / "LICENSE").symlink_to(secret)
+    with pytest.raises(DatasetError, match=rf"toy/LICENSE: licence file: leads to {secret}, outside") as refused:
+        extract_header(dataset, workers=1)
+    assert "root:x" not in str(refused.value)
+    (dataset / "LICENSE").unlink()
+    (dataset / "docs").mkdir()
+    (dataset / "docs" / "LICENSE.md").write_text("CC0\n")
+    (dataset / "LICENSE").symlink_to(Path("docs") / "LICENSE.md")
+    assert extract_header(dataset, workers=1).licence == "CC0"
 
 
 def test_mixed_layout_is_refused(tmp_path: Path, write_tif) -> None:

@@ -240,3 +240,54 @@ def test_tiles_stream_in_strips(sample_extracted: Path, tmp_path: Path, monkeypa
         for shard_dir, entry in iter_split_items(tmp_path, "new_brunswick_landcover", split):
             assert_same_raster(shard_dir / entry.input, source / "images" / f"{entry.item_id}.tif")
             assert_same_raster(shard_dir / entry.target, source / "masks" / f"{entry.item_id}.tif")
+
+
+def append_line(index: Path, line: str) -> None:
+    with index.open("a") as handle:
+        handle.write(line + "\n")
+
+
+def test_an_item_listed_twice_is_refused_by_the_readers_and_reported_by_the_verifier(
+    make_dataset, tmp_path: Path
+) -> None:
+    """A repeated index line would be trained on and scored twice: the reader names the index file, the line and
+    the item, in one shard or across the shards of a split; the verifier reports each repeat, across splits too."""
+    dataset = make_dataset("toy", n_unlabeled=3, n_labeled=2)
+    build_shards(dataset.parent, tmp_path, "toy", shard_size=2, workers=1)
+    first, second = shard_dirs(tmp_path, "toy", "train")
+    (val,) = shard_dirs(tmp_path, "toy", "val")
+    clean = {
+        path: path.read_bytes() for path in (first / INDEX_FILENAME, second / INDEX_FILENAME, val / INDEX_FILENAME)
+    }
+    line = (first / INDEX_FILENAME).read_text().splitlines()[0]
+    item = json.loads(line)["item_id"]
+
+    append_line(first / INDEX_FILENAME, line)
+    repeat = f"{first / INDEX_FILENAME}:3: item {item!r} is listed again, first at {first / INDEX_FILENAME}:1"
+    with pytest.raises(DatasetError, match=repeat):
+        read_index(first)
+    with pytest.raises(DatasetError, match=repeat):
+        list(iter_split_items(tmp_path, "toy", "train"))
+    assert verify_shards(tmp_path, "toy") == [f"{repeat} (an item is listed once)"]
+
+    (first / INDEX_FILENAME).write_bytes(clean[first / INDEX_FILENAME])
+    append_line(second / INDEX_FILENAME, line)
+    assert len(read_index(second)) == 2  # each shard alone is sound
+    repeat = f"{second / INDEX_FILENAME}:2: item {item!r} is listed again, first at {first / INDEX_FILENAME}:1"
+    with pytest.raises(DatasetError, match=repeat):
+        list(iter_split_items(tmp_path, "toy", "train"))
+    assert repeat in verify_shards(tmp_path, "toy")[0]
+
+    (second / INDEX_FILENAME).write_bytes(clean[second / INDEX_FILENAME])
+    append_line(val / INDEX_FILENAME, json.dumps(json.loads(line) | {"split": "val"}))
+    assert any(
+        f"{val / INDEX_FILENAME}:2: item {item!r} is listed again, first at {first}" in p
+        for p in verify_shards(tmp_path, "toy")
+    )
+
+    (val / INDEX_FILENAME).write_bytes(clean[val / INDEX_FILENAME])
+    append_line(first / INDEX_FILENAME, json.dumps(json.loads(line) | {"item_id": "other"}))
+    with pytest.raises(DatasetError, match=rf"index.jsonl:3: item 'other': tile 'inputs/{item}.tif' is listed again"):
+        read_index(first)
+    (first / INDEX_FILENAME).write_bytes(clean[first / INDEX_FILENAME])
+    assert verify_shards(tmp_path, "toy") == []
