@@ -447,7 +447,7 @@ def check_out_dir(out_dir: Path, checkpoint: Path | None = None) -> None:
         raise ValueError(f"--out {out_dir}: is a symbolic link; pass the folder it points to")
     resolved = out_dir.resolve()
     if Path.cwd().resolve().is_relative_to(resolved):
-        raise ValueError(f"--out {out_dir}: holds the current folder; choose a new folder or an existing artifact")
+        raise ValueError(f"--out {out_dir}: holds the current folder; choose another folder")
     if checkpoint is not None and checkpoint.resolve().is_relative_to(resolved):
         raise ValueError(f"--out {out_dir}: holds the checkpoint {checkpoint}; choose a folder of its own")
     if not out_dir.exists():

@@ -353,9 +353,15 @@ def _check_input_rules(path: Path, rules: object) -> None:
 
 
 def select_input_rule(
-    meta: dict[str, Any], dtype: str, dataset_id: str | None = None, *, own_value_range: bool = False
+    meta: dict[str, Any],
+    dtype: str,
+    dataset_id: str | None = None,
+    *,
+    own_value_range: bool = False,
+    source: str = "the raster",
 ) -> PixelRule | None:
-    """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it).
+    """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it; ``source`` names the
+    raster in messages).
 
     - ``dataset_id`` given: that dataset's rule (an ``ArtifactError`` lists the known ids if absent; a
       ``ValueError`` names both dtypes if the dataset's is not ``dtype``);
@@ -373,7 +379,7 @@ def select_input_rule(
         rule_dtype = rules[dataset_id]["dtype"]
         if rule_dtype != dtype:  # another dtype's scaling would make the pixels near black or white
             raise ValueError(
-                f"dataset {dataset_id!r}: its input rule is for {rule_dtype} data, the file is {dtype}: "
+                f"dataset {dataset_id!r}: its input rule is for {rule_dtype} data, {source} is {dtype}: "
                 f"choose a dataset of {dtype} data, or none"
             )
         return PixelRule.from_dict(rules[dataset_id])

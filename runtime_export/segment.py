@@ -121,7 +121,7 @@ def choose_file_rule(
     """``whole_raster.choose_input_rule`` for the file ``input_path``."""
     with open_raster(input_path) as src:
         dtype, colorinterp = src.dtypes[0], [interp.name for interp in src.colorinterp]
-    return choose_input_rule(meta, dtype, colorinterp, dataset_id, overrides)
+    return choose_input_rule(meta, dtype, colorinterp, dataset_id, overrides, source=str(input_path))
 
 
 class Progress:

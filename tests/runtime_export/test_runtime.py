@@ -14,6 +14,7 @@ import torch
 
 from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
 from runtime_export.pixels import PixelRule
+from runtime_export.prototypes import PrototypeSample
 from runtime_export.runtime import (
     RUNTIME_VERSION,
     ArtifactError,
@@ -100,6 +101,17 @@ def test_bad_inputs_are_clear_errors(artifact_dir: Path, sample_tiles) -> None:
             runtime.forward(sample_tiles[2], k)
         with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 16\]"):
             runtime.predict_labels(sample_tiles[2], k)
+
+
+def test_prototypes_refuse_k_beyond_the_models_range(artifact_dir: Path, sample_tiles) -> None:
+    runtime = load_runtime_model(artifact_dir)
+    embedding = runtime.embed(sample_tiles[2][:, :64, :64])
+    sample = PrototypeSample(step=1)
+    sample.add(embedding, slice(None), slice(None), (0, 0), None)
+    assert sample.fit(16, 2, runtime.temperature).shape[0] == 16
+    for k in (17, 1):
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 16\]"):
+            sample.fit(k, 2, runtime.temperature)
 
 
 def _copy(artifact_dir: Path, tmp_path: Path) -> Path:
@@ -318,7 +330,7 @@ RULES_META = {
 def test_select_input_rule_by_dataset_id() -> None:
     assert select_input_rule(RULES_META, "int16", "s2_l2a") == S2_L2A  # the id wins over the dtype's two rules
     # Another dtype's scaling would read a uint8 file as near black: refused, naming both dtypes.
-    with pytest.raises(ValueError, match="dataset 'naip_2020': its input rule is for uint16 data, the file is uint8"):
+    with pytest.raises(ValueError, match="dataset 'naip_2020': its input rule is for uint16 data, the raster is uint8"):
         select_input_rule(RULES_META, "uint8", "naip_2020")
     with pytest.raises(
         ArtifactError, match=r"'nope'.*known: \['naip_2020', 'naip_2022', 'quebec', 's2_l1c', 's2_l2a'\]"

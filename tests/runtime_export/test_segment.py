@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from xml.etree import ElementTree
 
 import numpy as np
@@ -123,8 +124,11 @@ def test_all_nodata_is_a_clear_error(small_artifact: Path, tmp_path: Path) -> No
 def test_bad_arguments(small_artifact: Path, tmp_path: Path) -> None:
     model = load_runtime_model(small_artifact)
     rgb = _write_rgb(tmp_path / "in.tif", np.full((3, 40, 40), 9, np.uint8), nodata=None)
-    with pytest.raises(ValueError, match="k=9"):
-        segment_raster(model, rgb, tmp_path / "out.tif", k=9)
+    for k in (9, 1):
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 8\]"):
+            segment_raster(model, rgb, tmp_path / "out.tif", k=k)
+        with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 8\]"):
+            whole_raster.segment_source(model, SimpleNamespace(path=rgb, width=40, height=40), k, print, tmp_path)
     with pytest.raises(ValueError, match="nodata label 3"):
         segment_raster(model, rgb, tmp_path / "out.tif", k=4, nodata_label=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]  # no scratch folder either
