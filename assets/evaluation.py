@@ -27,12 +27,13 @@ from training_core.eval import (
     dataset_label_space,
     evaluate_checkpoint,
     render_comparison,
+    verdicts,
 )
 from training_core.shards import read_manifest
 
 EVALUATION_GROUP = "evaluation"
-# Bump when the same checkpoint and shards would score differently.
-CODE_VERSION = "iou-v1"
+# Bump when the same checkpoint and shards would score differently (v2: verdicts need the decision margin).
+CODE_VERSION = "iou-v2"
 DECIMALS = 4  # of every score the summary and the metadata show
 
 
@@ -76,7 +77,10 @@ def iou_evaluation(
             "baseline_val_miou": metrics["baseline_val_miou"],
             "untrained_val_miou": metrics["untrained_val_miou"],
             "model_beats_baseline": metrics["model_beats_baseline"],
+            "model_minus_baseline": metrics["model_minus_baseline"],
             "training_helped": metrics["training_helped"],
+            "model_minus_untrained": metrics["model_minus_untrained"],
+            "decision_margin": metrics["decision_margin"],
             "controls": controls_table(reports),
             "per_class_iou": per_class_table(reports, class_names(paths.processed_root, dataset_ids)),
             "per_dataset": metrics["per_dataset"],
@@ -94,14 +98,22 @@ def iou_evaluation(
 
 @dg.asset_check(asset=iou_evaluation)
 def model_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-    """The model's mean val mIoU is above the k-means-on-RGB baseline's (a warning: quality, not bad data)."""
+    """The model's mean val mIoU is above the k-means-on-RGB baseline's by more than the decision margin
+    (``training_core.eval.DECISION_MARGIN``; a warning: quality, not bad data)."""
     evaluation = latest_evaluation(context.instance, context.op_execution_context.run_id)
     model, baseline = evaluation.val_miou, evaluation.baseline_val_miou
+    difference, margin = evaluation.model_minus_baseline, evaluation.decision_margin
+    lead = "no score to compare" if difference is None else f"{difference:+.4f}, passes above +{margin}"
     return dg.AssetCheckResult(
         passed=bool(evaluation.model_beats_baseline),
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"model val mIoU {model} vs k-means-RGB baseline {baseline}",
-        metadata={"val_miou": model, "baseline_val_miou": baseline},
+        description=f"model val mIoU {model} vs k-means-RGB baseline {baseline} ({lead})",
+        metadata={
+            "val_miou": model,
+            "baseline_val_miou": baseline,
+            "model_minus_baseline": difference,
+            "decision_margin": margin,
+        },
     )
 
 
@@ -121,7 +133,8 @@ def labeled_datasets(instance: dg.DagsterInstance, processed_root: str) -> list[
 
 def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str, checkpoint_sha256: str) -> dict[str, Any]:
     """Metrics the export records and promotion compares: means over datasets of the val mIoU, each score
-    rounded to ``DECIMALS`` (the full-precision reports are kept beside them)."""
+    rounded to ``DECIMALS`` (the full-precision reports are kept beside them), and the verdicts on those means
+    (``training_core.eval.verdicts``: a lead of more than the decision margin, with the difference)."""
     per_dataset = {dataset_id: report.to_dict() for dataset_id, report in reports.items()}
     model = _rounded(mean_or_none([report.miou(MODEL) for report in reports.values()]))
     baseline = _rounded(mean_or_none([report.miou(BASELINE) for report in reports.values()]))
@@ -135,8 +148,7 @@ def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str, checkpoi
             "val_miou": model,
             "baseline_val_miou": baseline,
             "untrained_val_miou": untrained,
-            "model_beats_baseline": None if model is None or baseline is None else model > baseline,
-            "training_helped": None if model is None or untrained is None else model > untrained,
+            **_rounded_verdicts(model, baseline, untrained),
             "per_dataset": {
                 dataset_id: {
                     "k": row["k"],
@@ -185,6 +197,15 @@ def controls_table(reports: dict[str, EvalReport]) -> dg.TableMetadataValue:
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, DECIMALS)
+
+
+def _rounded_verdicts(model: float | None, baseline: float | None, untrained: float | None) -> dict[str, Any]:
+    """``verdicts`` of the rounded means, the differences rounded too (0.4655 - 0.4653 is 0.0002, not
+    0.00019999999999997797)."""
+    found = verdicts(model, baseline, untrained)
+    for key in ("model_minus_baseline", "model_minus_untrained"):
+        found[key] = _rounded(found[key])
+    return found
 
 
 def class_names(processed_root: str, dataset_ids: list[str]) -> dict[str, dict[int, str]]:

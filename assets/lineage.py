@@ -163,6 +163,8 @@ class EvaluationRecord:
     val_miou: float | None
     baseline_val_miou: float | None
     model_beats_baseline: bool | None
+    model_minus_baseline: float | None  # None also in materializations from before the decision margin
+    decision_margin: float | None
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def latest_evaluation(instance: dg.DagsterInstance, run_id: str | None = None) -
         val_miou=metadata["val_miou"],
         baseline_val_miou=metadata["baseline_val_miou"],
         model_beats_baseline=metadata["model_beats_baseline"],
+        model_minus_baseline=metadata.get("model_minus_baseline"),
+        decision_margin=metadata.get("decision_margin"),
     )
 
 

@@ -8,6 +8,8 @@ The jobs ``train_cpu`` and ``train_gpu`` materialize this same asset with differ
 import base64
 import hashlib
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from assets.datasets import DATASETS, processed_shards
 from assets.lineage import content_version, file_sha256, partition_records
 from assets.pydantic_config import dagster_config
 from assets.resources import ProjectPaths, TrainingDevice, exclusive_lock
-from training_core.checkpoint import latest_checkpoint, load_checkpoint, step_checkpoint_name
+from training_core.checkpoint import load_checkpoint, load_latest_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
 from training_core.datasets.errors import DatasetError
 from training_core.shards import read_manifest
@@ -70,7 +72,7 @@ def trained_model(
     )
     # One run at a time trains a folder; a second run of the same training waits, then finds it done.
     with exclusive_lock(checkpoint_dir):
-        resumed_from = checkpoint_step(checkpoint_dir)
+        resumed_from = checkpoint_step(checkpoint_dir, context.log.warning)
         if resumed_from:
             context.log.info(f"resuming from the checkpoint at step {resumed_from} in {checkpoint_dir}")
         if training_device.torch_threads:
@@ -157,10 +159,16 @@ def has_train_items(processed_root: str, dataset_id: str, split: str) -> bool:
         return False
 
 
-def checkpoint_step(checkpoint_dir: Path) -> int:
-    """Optimizer steps already done by the newest checkpoint in ``checkpoint_dir`` (0 when none)."""
-    latest = latest_checkpoint(checkpoint_dir)
-    return 0 if latest is None else int(load_checkpoint(latest)["step"])
+def checkpoint_step(checkpoint_dir: Path, warn: Callable[[str], None]) -> int:
+    """Optimizer steps already done by the checkpoint ``train`` resumes from (0 when none): the newest intact
+    one, as the CLI picks it (``load_latest_checkpoint``), so a damaged ``last.pt`` falls back to the newest
+    intact step file instead of failing every retry. Each damaged file skipped goes to ``warn``."""
+    with warnings.catch_warnings(record=True) as skipped:
+        warnings.simplefilter("always", RuntimeWarning)
+        loaded = load_latest_checkpoint(checkpoint_dir)
+    for warning in skipped:
+        warn(str(warning.message))
+    return 0 if loaded is None else int(loaded[1]["step"])
 
 
 def training_data_version(checkpoint: Path, data_versions: dict[str, str]) -> dg.DataVersion:

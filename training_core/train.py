@@ -474,9 +474,7 @@ def _train(
         if step > saved_step:
             checkpoint_path = save()
         done = f"steps 1-{step} are saved in {checkpoint_path}" if checkpoint_path else "no step was done"
-        return TrainingStoppedError(
-            f"{what}: {_original_message(error)}. Training stopped; {done}. {remedy}"
-        )
+        return TrainingStoppedError(f"{what}: {_original_message(error)}. Training stopped; {done}. {remedy}")
 
     model.train()
     with contextlib.ExitStack() as stack:

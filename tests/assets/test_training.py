@@ -107,3 +107,35 @@ def test_training_key_ignores_the_device_but_not_the_data(built: dict, instance:
 def test_no_dataset_to_train_on_is_a_clear_error(resources: dict, instance: dg.DagsterInstance) -> None:
     with pytest.raises(ValueError, match="no dataset under .* has `train` items"):
         training_config(TrainConfig(), instance, resources["paths"], TrainingDevice())
+
+
+def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_step_as_the_cli_does(
+    built: dict, instance: dg.DagsterInstance
+) -> None:
+    """last.pt and step 4 cut short (a crash mid-copy, a full disk): the run resumes from step 2, as
+    `python -m training_core.train --resume` would, instead of failing every retry with DamagedCheckpointError."""
+    run_config = {"ops": {"trained_model": {"config": {**TINY, "device": "cpu"}}}}
+    first = dg.materialize(
+        [trained_model, processed_shards],
+        selection=[trained_model],
+        resources=built,
+        instance=instance,
+        run_config=run_config,
+    )
+    (done,) = first.asset_materializations_for_node("trained_model")
+    checkpoint_dir = Path(done.metadata["checkpoint_path"].value).parent
+    for name in ("last.pt", "step-000004.pt"):
+        (checkpoint_dir / name).write_bytes((checkpoint_dir / name).read_bytes()[:2000])
+    second = dg.materialize(
+        [trained_model, processed_shards],
+        selection=[trained_model],
+        resources=built,
+        instance=instance,
+        run_config=run_config,
+    )
+    assert second.success
+    (again,) = second.asset_materializations_for_node("trained_model")
+    assert again.metadata["resumed_from_step"].value == 2 and again.metadata["steps"].value == 4
+    warned = [e.message for e in instance.all_logs(second.run_id) if e.message and "is unreadable" in e.message]
+    assert len(warned) == 2 and all("resuming from" in line and "step-000002.pt" in line for line in warned)
+    assert again.metadata["checkpoint_sha256"].value == file_sha256(checkpoint_dir / "step-000004.pt")
