@@ -20,6 +20,7 @@ from assets.datasets import DATASETS, processed_shards
 from assets.lineage import content_version, file_sha256, partition_records
 from assets.pydantic_config import dagster_config
 from assets.resources import ProjectPaths, TrainingDevice, exclusive_lock
+from assets.retries import fails_once_on_user_error
 from training_core.checkpoint import load_checkpoint, load_latest_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
 from training_core.datasets.errors import DatasetError
@@ -44,7 +45,8 @@ CODE_VERSION = "train-v1"
     kinds={"pytorch"},
     code_version=CODE_VERSION,
     pool="gpu",
-    # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes.
+    # A retry (like a re-execution from failure) finds the checkpoints of the same config and resumes; a bad
+    # config or bad data is not retried (fails_once_on_user_error).
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2),
     description="Unsupervised segmentation model trained on the unlabeled `train` split of the selected datasets. "
     "Data version: the checkpoint's config, the shards' data versions and the step.",
@@ -56,6 +58,7 @@ CODE_VERSION = "train-v1"
         )
     ],
 )
+@fails_once_on_user_error
 def trained_model(
     context: dg.AssetExecutionContext, config: TrainRunConfig, paths: ProjectPaths, training_device: TrainingDevice
 ) -> dg.MaterializeResult:
