@@ -444,22 +444,22 @@ def check_out_dir(out_dir: Path, checkpoint: Path | None = None) -> None:
     symbolic link (its target would stay, the link would go), a folder holding the current folder or the checkpoint,
     or a non-empty folder that is not an artifact (``is_artifact_dir``). A ValueError names the folder."""
     if out_dir.is_symlink():
-        raise ValueError(f"--out {out_dir}: is a symbolic link; pass the folder it points to")
+        raise ValueError(f"output folder {out_dir}: is a symbolic link; pass the folder it points to")
     resolved = out_dir.resolve()
     if Path.cwd().resolve().is_relative_to(resolved):
-        raise ValueError(f"--out {out_dir}: holds the current folder; choose another folder")
+        raise ValueError(f"output folder {out_dir}: holds the current folder; choose another folder")
     if checkpoint is not None and checkpoint.resolve().is_relative_to(resolved):
-        raise ValueError(f"--out {out_dir}: holds the checkpoint {checkpoint}; choose a folder of its own")
+        raise ValueError(f"output folder {out_dir}: holds the checkpoint {checkpoint}; choose a folder of its own")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir}: exists and is not a folder; the artifact is a folder")
+        raise ValueError(f"output folder {out_dir}: exists and is not a folder; the artifact is a folder")
     entries = sorted(os.listdir(out_dir))
     if entries and not is_artifact_dir(out_dir):
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise ValueError(
-            f"--out {out_dir}: not an artifact folder (it holds {shown}); only an artifact or an empty folder is "
-            "replaced: choose a new folder"
+            f"output folder {out_dir}: not an artifact folder (it holds {shown}); only an artifact or an empty "
+            "folder is replaced: choose a new folder"
         )
 
 

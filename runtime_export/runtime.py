@@ -261,7 +261,8 @@ def load_runtime_model(artifact_dir: str | Path) -> RuntimeModel:
     and values (finite numbers, positive input std): an ``ArtifactError`` naming the file, the key and the problem."""
     artifact_dir = Path(artifact_dir)
     if not artifact_dir.is_dir():
-        raise ArtifactError(f"{artifact_dir}: no such folder (an artifact holds {META_FILENAME} and {MODEL_FILENAME})")
+        problem = "not a folder" if artifact_dir.exists() else "no such folder"
+        raise ArtifactError(f"{artifact_dir}: {problem} (an artifact holds {META_FILENAME} and {MODEL_FILENAME})")
     meta = read_meta(artifact_dir / META_FILENAME)
     arrays = read_arrays(artifact_dir / MODEL_FILENAME, expected_array_shapes(meta["embed_dim"], meta["max_k"]))
     return RuntimeModel(meta, arrays)
@@ -358,10 +359,10 @@ def select_input_rule(
     dataset_id: str | None = None,
     *,
     own_value_range: bool = False,
-    source: str = "the raster",
+    raster_name: str = "the raster",
 ) -> PixelRule | None:
-    """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it; ``source`` names the
-    raster in messages).
+    """The pixel rule for a raw raster of ``dtype`` (``meta`` as ``read_meta`` returns it; ``raster_name`` names
+    the raster in messages).
 
     - ``dataset_id`` given: that dataset's rule (an ``ArtifactError`` lists the known ids if absent; a
       ``ValueError`` names both dtypes if the dataset's is not ``dtype``);
@@ -379,7 +380,7 @@ def select_input_rule(
         rule_dtype = rules[dataset_id]["dtype"]
         if rule_dtype != dtype:  # another dtype's scaling would make the pixels near black or white
             raise ValueError(
-                f"dataset {dataset_id!r}: its input rule is for {rule_dtype} data, {source} is {dtype}: "
+                f"dataset {dataset_id!r}: its input rule is for {rule_dtype} data, {raster_name} is {dtype}: "
                 f"choose a dataset of {dtype} data, or none"
             )
         return PixelRule.from_dict(rules[dataset_id])

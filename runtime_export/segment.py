@@ -121,7 +121,7 @@ def choose_file_rule(
     """``whole_raster.choose_input_rule`` for the file ``input_path``."""
     with open_raster(input_path) as src:
         dtype, colorinterp = src.dtypes[0], [interp.name for interp in src.colorinterp]
-    return choose_input_rule(meta, dtype, colorinterp, dataset_id, overrides, source=str(input_path))
+    return choose_input_rule(meta, dtype, colorinterp, dataset_id, overrides, raster_name=str(input_path))
 
 
 class Progress:
@@ -194,6 +194,7 @@ def segment_raster(
             style.write_text(label_style(k, nodata_label), encoding="utf-8")
             _publish(labels, output_path)
             _publish(style, style_path(output_path))
+            _sync_folder(output_path.parent)  # the renames themselves, on disk
         except ScratchSpaceError:
             raise
         except (RasterioError, CPLE_BaseError, OSError) as exc:
@@ -229,7 +230,8 @@ def check_paths(input_path: Path, output_path: Path) -> None:
                 f"{flag} {shown}: the path is not valid UTF-8, which GDAL cannot open: rename it"
             ) from None
     if not input_path.is_file():
-        raise ValueError(f"{input_path}: no such file (--input)")
+        problem = "is a folder" if input_path.is_dir() else "no such file"
+        raise ValueError(f"{input_path}: {problem} (--input is the raster to segment)")
     if output_path.suffix.lower() == ".qml":
         raise ValueError(f"{output_path}: a .qml output would be overwritten by its own QGIS style: name it .tif")
     if output_path.is_dir():
@@ -256,6 +258,20 @@ def _publish(path: Path, target: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(path, target)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Best effort: the files are in place already; Windows opens no folder, some filesystems sync none."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _rio_window(window: Window) -> rasterio.windows.Window:

@@ -124,14 +124,14 @@ def choose_input_rule(
     colorinterp: Sequence[str],
     dataset_id: str | None = None,
     overrides: RuleOverrides = RuleOverrides(),
-    source: str = "the raster",
+    raster_name: str = "the raster",
 ) -> tuple[PixelRule, str]:
     """The pixel rule to read a raster of ``dtype`` with bands named ``colorinterp``, and where it came from: the
     rule of the dataset ``dataset_id`` names, else the model's rule for the dtype (``runtime.select_input_rule``),
-    else R, G, B (and alpha) from the colour interpretation; then ``overrides``. ``source`` names the raster in
-    messages."""
+    else R, G, B (and alpha) from the colour interpretation; then ``overrides``. ``raster_name`` names the raster
+    in messages."""
     own_value_range = overrides.value_range is not None
-    rule = select_input_rule(meta, dtype, dataset_id, own_value_range=own_value_range, source=source)
+    rule = select_input_rule(meta, dtype, dataset_id, own_value_range=own_value_range, raster_name=raster_name)
     bands, file_alpha = infer_bands(colorinterp)
     if rule is None:
         rule, source = PixelRule(bands=tuple(bands), alpha_band=file_alpha), "file colour interpretation"

@@ -139,12 +139,12 @@ CASES = {
     "1-export-out-is-a-run-folder": Case(
         EXPORT,
         lambda s, c: ("--checkpoint", str(s.checkpoint), "--out", str(run_folder(s, c))),
-        ("--out", "run: not an artifact folder (it holds notes.md, shard-000.tar, shard-001.tar and 72 more)"),
+        ("output folder", "run: not an artifact folder (it holds notes.md, shard-000.tar, shard-001.tar and 72 more)"),
     ),
     "1-export-out-is-the-current-folder": Case(
         EXPORT,
         lambda s, c: ("--checkpoint", str(s.checkpoint), "--out", "."),
-        ("--out .: holds the current folder",),
+        ("output folder .: holds the current folder",),
         cwd=lambda s, c: artifact_copy(s, c),
     ),
     "1-export-out-holds-the-checkpoint": Case(
@@ -312,7 +312,7 @@ CASES = {
     "10-segment-input-missing": Case(
         SEGMENT,
         lambda s, c: segment(s.artifact, c / "missing.tif", c / "out.tif"),
-        ("missing.tif: no such file (--input)",),
+        ("missing.tif: no such file (--input is the raster to segment)",),
     ),
     "10-export-checkpoint-missing": Case(
         EXPORT,

@@ -126,7 +126,7 @@ def test_export_refuses_a_folder_that_is_not_an_artifact(
         else:
             (out / name).write_text(text)
     before = _tree(tmp_path)
-    with pytest.raises(ValueError, match=f"--out {out}: .*{message}"):
+    with pytest.raises(ValueError, match=f"output folder {out}: .*{message}"):
         export_model(model, learned_config, out, {}, {PROMOTION_METRIC: 0.1})
     assert _tree(tmp_path) == before  # nothing touched, nothing left
 
@@ -137,7 +137,7 @@ def test_export_refuses_a_file_or_a_link(tmp_path: Path, model, learned_config) 
     (tmp_path / "link").symlink_to("target")
     before = _tree(tmp_path)
     for name, message in (("file", "exists and is not a folder"), ("link", "is a symbolic link")):
-        with pytest.raises(ValueError, match=f"--out {tmp_path / name}: {message}"):
+        with pytest.raises(ValueError, match=f"output folder {tmp_path / name}: {message}"):
             export_model(model, learned_config, tmp_path / name, {}, {PROMOTION_METRIC: 0.2})
     assert _tree(tmp_path) == before
 
@@ -147,7 +147,7 @@ def test_export_refuses_the_current_folder(tmp_path: Path, model, learned_config
     before = _tree(tmp_path)
     for cwd, out in ((tmp_path / "artifact", "."), (tmp_path / "artifact", ".."), (tmp_path, str(tmp_path))):
         monkeypatch.chdir(cwd)
-        with pytest.raises(ValueError, match=f"--out {out}: holds the current folder"):
+        with pytest.raises(ValueError, match=f"output folder {out}: holds the current folder"):
             export_model(model, learned_config, Path(out), {}, {PROMOTION_METRIC: 0.2})
     assert _tree(tmp_path) == before  # no hidden .old or staging folder either
 
