@@ -3,7 +3,8 @@
 The procedure is ``runtime_export.whole_raster``'s, vendored into this plugin by ``bin/build-qgis-plugin``
 (``python -m runtime_export.segment`` runs the same code through rasterio): the same labels for the same
 input, model and K. Memory stays bounded at any raster size; the cell embeddings wait between the two
-passes in a scratch folder beside the output (about width x height x 25 bytes), removed at the end.
+passes in a nameless scratch file beside the output (about width x height x 25 bytes), which the system frees
+when the run ends, however it ends.
 """
 
 from __future__ import annotations

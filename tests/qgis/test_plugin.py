@@ -215,8 +215,8 @@ def test_bad_model_or_k_is_one_line_error_and_no_output(
     raster, extra = rasters["rgb_nodata_collar"]
     missing = run_qgis_segment(profile, raster, tmp_path / "no-model", tmp_path / "a.tif", extra)
     too_many = run_qgis_segment(profile, raster, artifact, tmp_path / "b.tif", extra, k=40)
-    assert missing.returncode != 0 and f"{tmp_path / 'no-model' / 'meta.json'}: missing" in missing.stderr
-    assert too_many.returncode != 0 and "k=40 is outside [2, max_k=16]" in too_many.stderr
+    assert missing.returncode != 0 and f"{tmp_path / 'no-model'}: no such folder" in missing.stderr
+    assert too_many.returncode != 0 and "k=40 is outside the model's k_range [2, 16]" in too_many.stderr
     assert list(tmp_path.iterdir()) == []
 
 
