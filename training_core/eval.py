@@ -628,6 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    for flag, path in (("--output", args.output), ("--picture", args.picture)):
+        if path is not None and path.is_dir():  # found before the evaluation, not after it
+            parser.error(f"{flag} {path} is a folder: give a file name")
     source = "synthetic" if args.synthetic else (args.data_source or "synthetic")
     if args.synthetic and args.data_source == "shards":
         parser.error("--synthetic and --data-source shards contradict each other")

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 UNMAPPED = -1
 _CHUNK = 1 << 18  # pixels per bincount: index buffer stays in cache
@@ -71,6 +70,10 @@ def class_values(n_classes: int, ignore_leq: int = 0) -> list[int]:
 
 def hungarian_mapping(fit_confusion: np.ndarray) -> np.ndarray:
     """Cluster -> class column, one-to-one, maximising matched pixels; ``UNMAPPED`` for the rest."""
+    # Imported here: scipy.optimize is a third of a second at import, paid by every train/eval command line
+    # (a refused one too) though only scoring needs it.
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(fit_confusion, maximize=True)
     mapping = np.full(fit_confusion.shape[0], UNMAPPED, dtype=np.int64)
     supported = fit_confusion[rows, cols] > 0
@@ -185,6 +188,8 @@ def label_proxies(labels: np.ndarray, k: int) -> dict[str, float]:
 
 def view_consistency(labels: np.ndarray, other_view_labels: np.ndarray, k: int) -> float:
     """Share of pixels two label maps of the same ground agree on, after matching their cluster ids one-to-one."""
+    from scipy.optimize import linear_sum_assignment  # see hungarian_mapping
+
     agreement = confusion_matrix(labels, other_view_labels.astype(np.intp) + 1, k, k)
     rows, cols = linear_sum_assignment(agreement, maximize=True)
     return float(agreement[rows, cols].sum() / max(agreement.sum(), 1))
