@@ -469,11 +469,15 @@ def _train(
         return checkpoint_dir / step_checkpoint_name(step)
 
     def stopped(what: str, error: BaseException, remedy: str) -> TrainingStoppedError:
-        """The error that ends training on bad data, once the steps done since the last checkpoint are saved."""
+        """The error that ends training on bad data, once the steps done since the last checkpoint are saved
+        (by rank 0, the one that writes: another rank's error names the last checkpoint)."""
         nonlocal checkpoint_path
-        if step > saved_step:
+        if step > saved_step and dist_ctx.is_main:
             checkpoint_path = save()
-        done = f"steps 1-{step} are saved in {checkpoint_path}" if checkpoint_path else "no step was done"
+        if checkpoint_path is None:
+            done = "no step was saved"
+        else:
+            done = f"steps 1-{saved_step} are saved in {checkpoint_path}"
         return TrainingStoppedError(f"{what}: {_original_message(error)}. Training stopped; {done}. {remedy}")
 
     model.train()
