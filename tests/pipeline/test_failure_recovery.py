@@ -112,7 +112,7 @@ def test_sigkilled_training_resumes_from_its_last_checkpoint_on_reexecution(
             assert second.success
             (materialization,) = second.asset_materializations_for_node("trained_model")
         resumed_from = materialization.metadata["resumed_from_step"].value
-        # A kill can land between writing step-N.pt and pointing last.pt at it: then N - checkpoint_every.
+        # A kill can land before the checkpoint pair of step N is renamed into place: then N - checkpoint_every.
         assert killed_at[-1] - TINY_TRAINING["checkpoint_every"] <= resumed_from < TINY_TRAINING["steps"]
         assert resume_steps(instance, second.run_id) == [resumed_from]
         assert materialization.metadata["steps"].value == TINY_TRAINING["steps"]

@@ -38,7 +38,11 @@ sys.argv = {argv!r}
 
 def run_limited(code: str, argv: list[str], limit: int) -> subprocess.CompletedProcess:
     script = LIMITED.format(limit=limit, argv=argv, code=code)
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    # No bytecode written: under the limit Python would save truncated .pyc files into the checkout.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def tree(root: Path) -> dict[str, str]:
