@@ -72,7 +72,7 @@ from runtime_export.whole_raster import (
     segment_source,
     style_path,
 )
-from training_core.atomic import verify_raster
+from training_core.atomic import fsync_dir, verify_raster
 from training_core.datasets.rasters import InputReader, open_raster
 
 # GDAL's block cache (default: 5% of RAM) would grow with the raster; this holds a row of tiles of a striped
@@ -194,7 +194,7 @@ def segment_raster(
             style.write_text(label_style(k, nodata_label), encoding="utf-8")
             _publish(labels, output_path)
             _publish(style, style_path(output_path))
-            _sync_folder(output_path.parent)  # the renames themselves, on disk
+            fsync_dir(output_path.parent)  # the renames themselves, on disk
         except ScratchSpaceError:
             raise
         except (RasterioError, CPLE_BaseError, OSError) as exc:
@@ -258,20 +258,6 @@ def _publish(path: Path, target: Path) -> None:
     with open(path, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(path, target)
-
-
-def _sync_folder(folder: Path) -> None:
-    """Best effort: the files are in place already; Windows opens no folder, some filesystems sync none."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _rio_window(window: Window) -> rasterio.windows.Window:

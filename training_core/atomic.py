@@ -46,7 +46,7 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextmanager
@@ -91,7 +91,8 @@ def verify_raster(path: str | Path, full: bool = True) -> None:
         raise OSError(f"{path}: the raster just written cannot be read back (disk full?): {exc}") from None
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Best effort: make a folder's renames durable (some systems open or sync no folder)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

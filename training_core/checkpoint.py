@@ -136,30 +136,11 @@ def _checkpoint_file(path: Path) -> Iterator[Path]:
         raise CheckpointWriteError(error.errno, message) from error
 
 
-def save_checkpoint(
-    path: str | Path,
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    config: TrainConfig,
-    losses: dict[str, float] | None = None,
-    generators: dict[str, torch.Generator] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    data_versions: Mapping[str, str] | None = None,
-) -> Path:
-    """Write a checkpoint to ``path`` atomically (``training_core.atomic``: a failed write keeps the old file)."""
+def save_checkpoint(path: str | Path, **state: Any) -> Path:
+    """Write one checkpoint file atomically (``training_core.atomic``: a failed write keeps the old file);
+    ``state``: the keyword arguments of ``checkpoint_bytes``. Training writes its pairs with ``write_checkpoint``."""
     path = Path(path)
-    data = checkpoint_bytes(
-        model=model,
-        optimizer=optimizer,
-        step=step,
-        config=config,
-        losses=losses,
-        generators=generators,
-        scaler=scaler,
-        data_versions=data_versions,
-    )
+    data = checkpoint_bytes(**state)
     with _checkpoint_file(path) as tmp:
         tmp.write_bytes(data)
     return path
