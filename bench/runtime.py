@@ -28,7 +28,7 @@ import torch
 from affine import Affine
 
 from runtime_export.export import export_model
-from runtime_export.runtime import load_runtime_model
+from runtime_export.numpy_runtime.runtime import load_runtime_model
 from training_core.config import TrainConfig
 from training_core.model import SegmentationModel
 

@@ -3,10 +3,10 @@
 ``python qgis_plugin/build.py [ZIP]`` (``bin/build-qgis-plugin``; default ``dist/segpipe-qgis.zip``)
 
 The zip holds one folder, ``segpipe/`` (what QGIS's "Install from ZIP" expects): the plugin's own files
-and ``segpipe/runtime_export/``, a byte-for-byte copy of the numpy-only modules of ``runtime_export``
-(they import each other relatively, so the copy runs unchanged). Never edit the copy: it is rebuilt from
-the source each time, and a test fails when a built zip's copy differs from the source. Standard library
-only; entries have a fixed timestamp, so the same sources give the same zip.
+and ``segpipe/numpy_runtime/``, a byte-for-byte copy of every module of ``runtime_export/numpy_runtime/``
+(numpy and the standard library only, importing each other relatively, so the copy runs unchanged). Never
+edit the copy: it is rebuilt from the source each time, and a test fails when a built zip's copy differs from
+the source. Standard library only; entries have a fixed timestamp, so the same sources give the same zip.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "qgis_plugin" / "segpipe"
-RUNTIME = REPO / "runtime_export"
-# The numpy runtime and what it needs: no torch, no rasterio, no training_core.
-VENDORED_MODULES = ("__init__.py", "pixels.py", "runtime.py", "prototypes.py", "whole_raster.py")
+# The numpy runtime, copied whole: every module in the folder (no torch, no rasterio, no training_core).
+RUNTIME = REPO / "runtime_export" / "numpy_runtime"
 ZIP_TIME = (2020, 1, 1, 0, 0, 0)
 DEFAULT_ZIP = REPO / "dist" / "segpipe-qgis.zip"
 
@@ -28,8 +27,8 @@ def plugin_files() -> dict[str, Path]:
     """Archive name -> source file, in a stable order."""
     own = sorted(path for path in PLUGIN.rglob("*") if path.is_file() and "__pycache__" not in path.parts)
     files = {f"segpipe/{path.relative_to(PLUGIN).as_posix()}": path for path in own}
-    for name in VENDORED_MODULES:
-        files[f"segpipe/runtime_export/{name}"] = RUNTIME / name
+    for path in sorted(RUNTIME.glob("*.py")):
+        files[f"segpipe/numpy_runtime/{path.name}"] = path
     return files
 
 

@@ -1,6 +1,7 @@
-"""The exported model and everything that runs it.
+"""The exported model and everything that runs it, without torch.
 
-The numpy runtime is ``pixels``, ``runtime``, ``prototypes`` and ``whole_raster``: numpy and the standard
-library alone, importing each other relatively, because ``bin/build-qgis-plugin`` vendors them unchanged
-into the QGIS plugin. ``segment`` (rasterio), ``export`` and ``parity`` (torch) are the pipeline's side.
+``numpy_runtime/`` (pixels, runtime, prototypes, whole_raster) is numpy and the standard library alone,
+importing itself relatively, because ``bin/build-qgis-plugin`` vendors the folder unchanged into the QGIS
+plugin. ``segment`` (rasterio) runs it over whole rasters, the pipeline's side; ``cli`` is every command's
+error reporting.
 """

@@ -40,8 +40,7 @@ from rasterio.windows import Window
 from torch import nn
 
 from runtime_export.cli import run_cli
-from runtime_export.parity import runtime_parity
-from runtime_export.runtime import (
+from runtime_export.numpy_runtime.runtime import (
     META_FILENAME,
     METRICS_FILENAME,
     MODEL_FILENAME,
@@ -50,7 +49,8 @@ from runtime_export.runtime import (
     expected_array_shapes,
     load_runtime_model,
 )
-from runtime_export.whole_raster import dead_leftovers, owned_prefix
+from runtime_export.numpy_runtime.whole_raster import dead_leftovers, owned_prefix
+from runtime_export.parity import runtime_parity
 from training_core.atomic import make_staging_dir
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime_export.runtime import RuntimeModel, load_runtime_model
+from runtime_export.numpy_runtime.runtime import RuntimeModel, load_runtime_model
 from training_core.checkpoint import model_from_checkpoint
 from training_core.model import SegmentationModel
 

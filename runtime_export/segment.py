@@ -3,7 +3,7 @@
 ``python -m runtime_export.segment --model DIR --input IN.tif --output OUT.tif --k 8 [--dataset ID]``
 
 The procedure (two passes, each tile encoded once, bounded memory, no seams) is
-``runtime_export.whole_raster``'s, which the QGIS plugin runs through GDAL: the same labels either way.
+``runtime_export.numpy_runtime.whole_raster``'s, which the QGIS plugin runs through GDAL: the same labels either way.
 
 Pixels are read through the pixel rule (``training_core.datasets.rasters.InputReader``), as in
 training: the rule of the dataset ``--dataset`` names, else the model's rule for the raster's dtype,
@@ -52,10 +52,10 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
 from runtime_export.cli import run_cli
-from runtime_export.pixels import PixelRule, check_value_range
-from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS
-from runtime_export.runtime import RuntimeModel, load_runtime_model
-from runtime_export.whole_raster import (
+from runtime_export.numpy_runtime.pixels import PixelRule, check_value_range
+from runtime_export.numpy_runtime.prototypes import DEFAULT_MAX_FIT_CELLS
+from runtime_export.numpy_runtime.runtime import RuntimeModel, load_runtime_model
+from runtime_export.numpy_runtime.whole_raster import (
     DEFAULT_NODATA_LABEL,
     DEFAULT_TILE,
     RuleOverrides,

@@ -7,7 +7,7 @@ aerial products ship: colour interpretation blue, green, red, undefined (so head
 nodata=0) whose labels are 0 (ignored). CRS and transform are the source tile's. Deterministic: the same
 bytes on every run.
 
-``scale_by_hand`` is the documented scaling rule (``runtime_export.pixels``) written again with
+``scale_by_hand`` is the documented scaling rule (``runtime_export.numpy_runtime.pixels``) written again with
 numpy alone, so a test comparing against it does not compare the pixel rule with itself.
 """
 

@@ -4,7 +4,7 @@ Methods, each fitting one set of cluster centres per dataset from pixels alone, 
 
 - ``model``: the trained model, run by the numpy runtime exactly as ``runtime_export.segment`` runs it
   (invalid pixels filled with the mean colour, tiles padded to the stride, one lattice sample of cells
-  over all the dataset's tiles: ``runtime_export.prototypes``), so the score describes what a user gets;
+  over all the dataset's tiles: ``runtime_export.numpy_runtime.prototypes``), so the score describes what a user gets;
 - ``untrained_model``: the same architecture with the weights training starts from (same seed), the same
   inference: does training help on this data?
 - ``kmeans_rgb``: k-means on the pixels' colours;
@@ -46,8 +46,8 @@ import torch
 
 from runtime_export.cli import run_cli
 from runtime_export.export import runtime_arrays, runtime_meta
-from runtime_export.pixels import PixelRule
-from runtime_export.prototypes import (
+from runtime_export.numpy_runtime.pixels import PixelRule
+from runtime_export.numpy_runtime.prototypes import (
     DEFAULT_MAX_FIT_CELLS,
     PrototypeSample,
     cell_grid,
@@ -55,7 +55,7 @@ from runtime_export.prototypes import (
     lattice_step,
     valid_cells,
 )
-from runtime_export.runtime import Embedding, RuntimeModel
+from runtime_export.numpy_runtime.runtime import Embedding, RuntimeModel
 from training_core.atomic import atomic_path, atomic_write_text
 from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint

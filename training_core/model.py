@@ -1,6 +1,6 @@
 """The segmentation model: stride-4 CNN encoder + soft k-means over its embeddings.
 
-The forward pass is the contract the numpy runtime (``runtime_export.runtime``) reproduces:
+The forward pass is the contract the numpy runtime (``runtime_export.numpy_runtime.runtime``) reproduces:
 
 1. normalise RGB in [0, 1] with the model's mean/std;
 2. encode at stride 4 (two stride-2 conv+BN+ReLU, two residual blocks) and L2-normalise;

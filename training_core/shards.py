@@ -59,7 +59,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from runtime_export.cli import run_cli
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.atomic import verify_raster
 from training_core.datasets import rasters
 from training_core.datasets.discovery import (

@@ -1,6 +1,6 @@
 """``segpipe:segment``: a raster into K segments with an exported segpipe model, inside QGIS.
 
-The procedure is ``runtime_export.whole_raster``'s, vendored into this plugin by ``bin/build-qgis-plugin``
+The procedure is ``runtime_export.numpy_runtime.whole_raster``'s, vendored into this plugin by ``bin/build-qgis-plugin``
 (``python -m runtime_export.segment`` runs the same code through rasterio): the same labels for the same
 input, model and K. Memory stays bounded at any raster size; the cell embeddings wait between the two
 passes in a nameless scratch file beside the output (about width x height x 25 bytes), which the system frees
@@ -24,8 +24,8 @@ from qgis.core import (
 
 from . import openblas
 from .gdal_io import GdalSource, LabelWriter, bounded_block_cache, colour_interpretation, open_input, raster_dtype
-from .runtime_export.runtime import load_runtime_model, use_matmul
-from .runtime_export.whole_raster import DEFAULT_NODATA_LABEL, check_k, choose_input_rule, segment_source
+from .numpy_runtime.runtime import load_runtime_model, use_matmul
+from .numpy_runtime.whole_raster import DEFAULT_NODATA_LABEL, check_k, choose_input_rule, segment_source
 
 
 class Cancelled(Exception):

@@ -25,7 +25,7 @@ import rasterio
 from PIL import Image
 
 from runtime_export.export import export_model
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import ModelConfig, TrainConfig
 
 from ..imagery import GAIN, OFFSET, RGB_BANDS, make_rgbn_uint16_cog
@@ -288,11 +288,12 @@ def test_vendored_runtime_is_the_source(plugin_zip: Path) -> None:
         vendored = {
             Path(name).name: archive.read(name)
             for name in archive.namelist()
-            if name.startswith("segpipe/runtime_export/")
+            if name.startswith("segpipe/numpy_runtime/")
         }
-    assert {"runtime.py", "pixels.py", "prototypes.py", "whole_raster.py"} <= set(vendored)
+    source = REPO / "runtime_export" / "numpy_runtime"
+    assert set(vendored) == {path.name for path in source.glob("*.py")}
     for name, content in vendored.items():
-        assert content == (REPO / "runtime_export" / name).read_bytes(), f"segpipe/runtime_export/{name} is stale"
+        assert content == (source / name).read_bytes(), f"segpipe/numpy_runtime/{name} is stale"
 
 
 def test_openblas_matmul_is_numpys_product(qgis_installed: None, profile: Path) -> None:

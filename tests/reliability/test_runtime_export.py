@@ -374,7 +374,8 @@ def test_killed_segment_leaves_no_scratch_and_the_next_run_removes_its_output_fo
     out, scratch = tmp_path / "labels" / "out.tif", tmp_path / "scratch"
     arguments = (*segment(shared.artifact, source, out, "--quiet"), "--scratch-dir", str(scratch))
     untouched = Untouched(source, shared.root)
-    pid = killed_run("runtime_export.whole_raster", "assign_tile", "runtime_export.segment", *arguments)  # pass 2
+    # Killed in pass 2 (assigning labels):
+    pid = killed_run("runtime_export.numpy_runtime.whole_raster", "assign_tile", "runtime_export.segment", *arguments)
     # The scratch file had no name: nothing of it stays. The labels being written stay, named after the dead run.
     assert list(scratch.iterdir()) == []
     (leftover,) = out.parent.iterdir()

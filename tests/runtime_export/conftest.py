@@ -12,7 +12,7 @@ import rasterio
 import torch
 
 from runtime_export.export import export_model
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import ModelConfig, TrainConfig
 from training_core.model import SegmentationModel
 

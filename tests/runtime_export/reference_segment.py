@@ -13,10 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_export.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, encoder_input, valid_cells
-from runtime_export.runtime import STRIDE, RuntimeModel, soft_kmeans, upsample_bilinear
+from runtime_export.numpy_runtime.prototypes import DEFAULT_MAX_FIT_CELLS, cell_grid, encoder_input, valid_cells
+from runtime_export.numpy_runtime.runtime import STRIDE, RuntimeModel, soft_kmeans, upsample_bilinear
+from runtime_export.numpy_runtime.whole_raster import (
+    DEFAULT_NODATA_LABEL,
+    ENCODER_REACH_CELLS,
+    core_cells,
+    tile_windows,
+)
 from runtime_export.segment import RasterioSource, choose_file_rule
-from runtime_export.whole_raster import DEFAULT_NODATA_LABEL, ENCODER_REACH_CELLS, core_cells, tile_windows
 from tests.numerics import top2_gap
 from training_core.datasets.rasters import InputReader
 

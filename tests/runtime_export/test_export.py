@@ -27,8 +27,8 @@ from runtime_export.export import (
     promote_if_better,
     training_data_of,
 )
+from runtime_export.numpy_runtime.runtime import RUNTIME_VERSION, RuntimeModel, load_runtime_model, select_input_rule
 from runtime_export.parity import model_parity, runtime_parity
-from runtime_export.runtime import RUNTIME_VERSION, RuntimeModel, load_runtime_model, select_input_rule
 from training_core.checkpoint import save_checkpoint
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
 from training_core.shards import build_shards

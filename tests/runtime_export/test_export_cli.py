@@ -13,7 +13,7 @@ import pytest
 
 from runtime_export import export as export_module
 from runtime_export.export import config_hash
-from runtime_export.runtime import load_runtime_model
+from runtime_export.numpy_runtime.runtime import load_runtime_model
 from training_core.checkpoint import LAST_NAME, load_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.shards import build_shards, read_manifest

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
-from runtime_export.pixels import PixelRule
-from runtime_export.prototypes import PrototypeSample
-from runtime_export.runtime import (
+from runtime_export.numpy_runtime.pixels import PixelRule
+from runtime_export.numpy_runtime.prototypes import PrototypeSample
+from runtime_export.numpy_runtime.runtime import (
     RUNTIME_VERSION,
     ArtifactError,
     load_runtime_model,
     select_input_rule,
     upsample_argmax,
 )
+from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
 from training_core.config import ModelConfig, TrainConfig
 
 from .conftest import calibrated_model
@@ -29,7 +29,7 @@ from .conftest import calibrated_model
 
 def test_import_pulls_neither_torch_nor_rasterio() -> None:
     code = (
-        "import sys, runtime_export.runtime; "
+        "import sys, runtime_export.numpy_runtime.runtime; "
         "assert not {'torch', 'rasterio'} & {name.split('.')[0] for name in sys.modules}, sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,12 +21,12 @@ import rasterio
 from affine import Affine
 
 from runtime_export import segment as segment_module
-from runtime_export import whole_raster
 from runtime_export.export import export_model
-from runtime_export.pixels import PixelRule
-from runtime_export.runtime import load_runtime_model
+from runtime_export.numpy_runtime import whole_raster
+from runtime_export.numpy_runtime.pixels import PixelRule
+from runtime_export.numpy_runtime.runtime import load_runtime_model
+from runtime_export.numpy_runtime.whole_raster import tile_windows
 from runtime_export.segment import main, segment_raster
-from runtime_export.whole_raster import tile_windows
 from tests.numerics import assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
 from training_core.model import SegmentationModel
@@ -276,7 +276,8 @@ def _limit_file_size() -> None:
 # Runs segment's CLI with writes past 8 KiB failing from pass 2 on: the scratch file is written, the labels fail.
 LIMIT_FROM_PASS_2 = """
 import resource, sys
-from runtime_export import segment, whole_raster
+from runtime_export import segment
+from runtime_export.numpy_runtime import whole_raster
 assign = whole_raster.assign_tile
 def limited(*args):
     resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))

@@ -15,10 +15,9 @@ import rasterio
 from affine import Affine
 
 from runtime_export.export import export_model
-from runtime_export.prototypes import cell_grid, encoder_input
-from runtime_export.runtime import STRIDE, load_runtime_model
-from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
-from runtime_export.whole_raster import (
+from runtime_export.numpy_runtime.prototypes import cell_grid, encoder_input
+from runtime_export.numpy_runtime.runtime import STRIDE, load_runtime_model
+from runtime_export.numpy_runtime.whole_raster import (
     EmbeddingSpill,
     Window,
     core_cells,
@@ -26,6 +25,7 @@ from runtime_export.whole_raster import (
     margin_pixels,
     tile_windows,
 )
+from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
 from tests.numerics import EMBEDDING_ATOL, assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
 from training_core.datasets.rasters import InputReader

@@ -9,7 +9,7 @@ import pytest
 import rasterio
 import torch
 
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch
 from training_core.data.patches import (

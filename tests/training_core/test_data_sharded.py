@@ -11,7 +11,7 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import ShardDataset, ShardItem, assign_items

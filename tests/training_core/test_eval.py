@@ -11,7 +11,7 @@ import rasterio
 import torch
 from affine import Affine
 
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.checkpoint import save_checkpoint
 from training_core.config import ModelConfig, TrainConfig
 from training_core.eval import (
@@ -208,7 +208,7 @@ def test_evaluate_fits_the_mapping_on_the_metrics_train_shards(quebec_shards: Pa
 def test_streaming_evaluation_equals_fitting_on_all_tiles_in_memory(quebec_shards: Path) -> None:
     """The streamed lattice sample gives the prototypes and labels of one soft k-means over every tile's cells
     held in memory at once (raster order), so the same confusion matrices."""
-    from runtime_export.runtime import soft_kmeans
+    from runtime_export.numpy_runtime.runtime import soft_kmeans
     from training_core.metrics import confusion_matrix, hungarian_scores
 
     model, config = _small_model()
@@ -231,7 +231,7 @@ def test_streaming_evaluation_equals_fitting_on_all_tiles_in_memory(quebec_shard
 def test_evaluation_and_segment_give_the_same_labels(tmp_path: Path) -> None:
     """One raster, one prototype procedure: evaluation's labels are segment's labels."""
     from runtime_export.export import export_model
-    from runtime_export.runtime import load_runtime_model
+    from runtime_export.numpy_runtime.runtime import load_runtime_model
     from runtime_export.segment import segment_raster
 
     model, config = _small_model()

@@ -31,7 +31,7 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
-from runtime_export.pixels import PixelRule, infer_bands
+from runtime_export.numpy_runtime.pixels import PixelRule, infer_bands
 from training_core.datasets.errors import DatasetError
 from training_core.datasets.rasters import Tile, open_raster, raster_facts, read_item
 

@@ -30,7 +30,7 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import IterableDataset, get_worker_info
 
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.data.patches import crop_sample, pad_tile, patch_window
 from training_core.datasets.errors import DatasetError
 from training_core.datasets.rasters import Tile, read_item

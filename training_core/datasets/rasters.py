@@ -27,7 +27,7 @@ from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
-from runtime_export.pixels import PixelRule
+from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.datasets.errors import DatasetError
 
 if TYPE_CHECKING:  # the schema needs pydantic; reading pixels (runtime_export.segment) does not

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 import rasterio
 
-from runtime_export.pixels import PixelRule, infer_bands
+from runtime_export.numpy_runtime.pixels import PixelRule, infer_bands
 from training_core.datasets.discovery import (
     DatasetItem,
     dataset_root_of,

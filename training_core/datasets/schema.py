@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime_export.pixels import DEFAULT_BANDS, PixelRule
+from runtime_export.numpy_runtime.pixels import DEFAULT_BANDS, PixelRule
 from training_core.atomic import atomic_write_text
 from training_core.datasets.errors import DatasetError
 
