@@ -15,9 +15,9 @@ import dagster as dg
 from assets.datasets import DATASETS, dataset_header, processed_shards
 from assets.lineage import partition_check_evaluation
 from assets.resources import ProjectPaths
+from runtime_export.errors import DatasetError
+from runtime_export.rasters import open_raster
 from training_core.datasets.discovery import DatasetItem, discover_items
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import open_raster
 from training_core.datasets.scan import validate_dataset
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.shards import (

@@ -16,8 +16,8 @@ from assets.datasets import DATASETS
 from assets.lineage import content_version, latest_evaluation, latest_training
 from assets.resources import ProjectPaths
 from assets.training import trained_model
-from training_core.atomic import atomic_write_text
-from training_core.datasets.errors import DatasetError
+from runtime_export.atomic import atomic_write_text
+from runtime_export.errors import DatasetError
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.eval import (
     BASELINE,

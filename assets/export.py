@@ -31,7 +31,7 @@ from assets.training import trained_model
 from runtime_export.export import export_artifact, input_rules_of, promote_if_better, training_data_of
 from runtime_export.numpy_runtime.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
 from runtime_export.parity import runtime_parity
-from training_core.datasets.rasters import read_item
+from runtime_export.rasters import read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.shards import iter_split_items
 

@@ -21,9 +21,9 @@ from assets.lineage import content_version, file_sha256, partition_records
 from assets.pydantic_config import dagster_config
 from assets.resources import ProjectPaths, TrainingDevice, exclusive_lock
 from assets.retries import fails_once_on_user_error
+from runtime_export.errors import DatasetError
 from training_core.checkpoint import load_checkpoint, load_latest_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
-from training_core.datasets.errors import DatasetError
 from training_core.shards import read_manifest
 from training_core.train import LOSS_PARTS, progress_line, train
 

@@ -14,8 +14,8 @@ from assets.datasets import DATASETS, raw_dataset
 from assets.lineage import DATA_VERSION_TAG
 from assets.resources import ProjectPaths
 from pipeline.jobs import refresh_dataset
+from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets
-from training_core.datasets.errors import DatasetError
 from training_core.shards import read_manifest
 
 

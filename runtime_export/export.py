@@ -39,7 +39,9 @@ import torch
 from rasterio.windows import Window
 from torch import nn
 
+from runtime_export.atomic import make_staging_dir
 from runtime_export.cli import run_cli
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.runtime import (
     META_FILENAME,
     METRICS_FILENAME,
@@ -51,13 +53,11 @@ from runtime_export.numpy_runtime.runtime import (
 )
 from runtime_export.numpy_runtime.whole_raster import dead_leftovers, owned_prefix
 from runtime_export.parity import runtime_parity
-from training_core.atomic import make_staging_dir
+from runtime_export.rasters import open_raster, read_item
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
 from training_core.data.sharded import processed_dataset_ids
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import open_raster, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.model import SegmentationModel, smoothing_kernel
 from training_core.shards import iter_split_items

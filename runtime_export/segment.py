@@ -5,7 +5,7 @@
 The procedure (two passes, each tile encoded once, bounded memory, no seams) is
 ``runtime_export.numpy_runtime.whole_raster``'s, which the QGIS plugin runs through GDAL: the same labels either way.
 
-Pixels are read through the pixel rule (``training_core.datasets.rasters.InputReader``), as in
+Pixels are read through the pixel rule (``runtime_export.rasters.InputReader``), as in
 training: the rule of the dataset ``--dataset`` names, else the model's rule for the raster's dtype,
 else R, G, B (and alpha) from the file's colour interpretation (``whole_raster.choose_input_rule``). A
 file's own alpha band is honoured when the rule declares none; ``--bands``, ``--alpha-band`` and
@@ -51,6 +51,7 @@ from rasterio._err import CPLE_BaseError  # GDAL errors raised on write/close (e
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
+from runtime_export.atomic import fsync_dir, verify_raster
 from runtime_export.cli import run_cli
 from runtime_export.numpy_runtime.pixels import PixelRule, check_value_range
 from runtime_export.numpy_runtime.prototypes import DEFAULT_MAX_FIT_CELLS
@@ -72,8 +73,7 @@ from runtime_export.numpy_runtime.whole_raster import (
     segment_source,
     style_path,
 )
-from training_core.atomic import fsync_dir, verify_raster
-from training_core.datasets.rasters import InputReader, open_raster
+from runtime_export.rasters import InputReader, open_raster
 
 # GDAL's block cache (default: 5% of RAM) would grow with the raster; this holds a row of tiles of a striped
 # 4-band uint16 input 50,000 px wide, so each strip is still decoded once per pass.

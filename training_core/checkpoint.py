@@ -31,7 +31,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from training_core.atomic import atomic_path
+from runtime_export.atomic import atomic_path
 from training_core.config import TrainConfig
 from training_core.model import SegmentationModel
 
@@ -137,7 +137,7 @@ def _checkpoint_file(path: Path) -> Iterator[Path]:
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> Path:
-    """Write one checkpoint file atomically (``training_core.atomic``: a failed write keeps the old file);
+    """Write one checkpoint file atomically (``runtime_export.atomic``: a failed write keeps the old file);
     ``state``: the keyword arguments of ``checkpoint_bytes``. Training writes its pairs with ``write_checkpoint``."""
     path = Path(path)
     data = checkpoint_bytes(**state)

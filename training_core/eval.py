@@ -44,6 +44,7 @@ import numpy as np
 import rasterio
 import torch
 
+from runtime_export.atomic import atomic_path, atomic_write_text
 from runtime_export.cli import run_cli
 from runtime_export.export import runtime_arrays, runtime_meta
 from runtime_export.numpy_runtime.pixels import PixelRule
@@ -56,12 +57,11 @@ from runtime_export.numpy_runtime.prototypes import (
     valid_cells,
 )
 from runtime_export.numpy_runtime.runtime import Embedding, RuntimeModel
-from training_core.atomic import atomic_path, atomic_write_text
+from runtime_export.rasters import open_raster, read_item
 from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig, TrainConfig
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.rasters import open_raster, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.metrics import (
     Scores,

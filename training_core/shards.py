@@ -58,10 +58,12 @@ from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from runtime_export import rasters
+from runtime_export.atomic import verify_raster
 from runtime_export.cli import run_cli
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
-from training_core.atomic import verify_raster
-from training_core.datasets import rasters
+from runtime_export.rasters import distinct_values, has_mask_band, open_raster, raster_facts
 from training_core.datasets.discovery import (
     DatasetItem,
     dataset_content_hash,
@@ -71,8 +73,6 @@ from training_core.datasets.discovery import (
     discover_items,
     require_utf8,
 )
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import distinct_values, has_mask_band, open_raster, raster_facts
 from training_core.datasets.scan import (
     ItemFacts,
     ItemPool,

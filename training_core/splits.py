@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 
+from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import DatasetItem, dataset_root_of, resolve_inside
-from training_core.datasets.errors import DatasetError
 from training_core.datasets.schema import DatasetHeader
 
 SPLITS = ("train", "metrics_train", "val")

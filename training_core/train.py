@@ -46,8 +46,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.tensorboard import SummaryWriter
 
+from runtime_export.atomic import atomic_write_text
 from runtime_export.cli import USER_ERRORS, error_line, run_cli
-from training_core.atomic import atomic_write_text
 from training_core.checkpoint import (
     CheckpointWriteError,
     capture_rng_state,

@@ -1,6 +1,6 @@
 """GDAL I/O for the plugin: the input read under the model's pixel rule, the labels written atomically.
 
-Inside QGIS there is no rasterio, so this mirrors ``training_core.datasets.rasters.InputReader`` and
+Inside QGIS there is no rasterio, so this mirrors ``runtime_export.rasters.InputReader`` and
 ``runtime_export.segment``'s writer with ``osgeo.gdal``: the same bands, the same nodata value (band 1's),
 the same per-dataset mask, the same paletted, tiled, deflate GeoTIFF with overviews and tags.
 """

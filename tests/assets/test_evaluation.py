@@ -9,7 +9,7 @@ import pytest
 from assets.datasets import dataset_header, processed_shards
 from assets.evaluation import evaluation_summary, iou_evaluation, model_beats_baseline
 from assets.training import trained_model
-from training_core.datasets.errors import DatasetError
+from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict
 from training_core.eval import BASELINE, DECISION_MARGIN, MODEL, UNTRAINED, EvalReport, MethodReport

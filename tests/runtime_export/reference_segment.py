@@ -21,9 +21,9 @@ from runtime_export.numpy_runtime.whole_raster import (
     core_cells,
     tile_windows,
 )
+from runtime_export.rasters import InputReader
 from runtime_export.segment import RasterioSource, choose_file_rule
 from tests.numerics import top2_gap
-from training_core.datasets.rasters import InputReader
 
 
 def encode_twice(model: RuntimeModel, path: Path, k: int, tile_size: int) -> tuple[np.ndarray, np.ndarray]:

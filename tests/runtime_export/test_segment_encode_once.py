@@ -25,10 +25,10 @@ from runtime_export.numpy_runtime.whole_raster import (
     margin_pixels,
     tile_windows,
 )
+from runtime_export.rasters import InputReader
 from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
 from tests.numerics import EMBEDDING_ATOL, assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
-from training_core.datasets.rasters import InputReader
 
 from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb
 from .reference_segment import encode_twice

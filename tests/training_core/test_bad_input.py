@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from training_core.datasets.errors import DatasetError
+from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header, scan_dataset
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.headers import main as headers_main
@@ -240,7 +240,7 @@ def test_header_stating_other_channels_is_rejected(built) -> None:
 def test_valid_pixels_are_counted_strip_by_strip(tmp_path: Path, write_tif, monkeypatch: pytest.MonkeyPatch) -> None:
     """Validity is counted one bounded strip at a time (memory does not grow with the raster): a raster whose only
     valid pixels are in its last strip passes; with that row nodata too it is refused, named."""
-    monkeypatch.setattr("training_core.datasets.rasters.BLOCK_BYTES", 3 * 16 * 2)  # 2-row strips of a 16-wide raster
+    monkeypatch.setattr("runtime_export.rasters.BLOCK_BYTES", 3 * 16 * 2)  # 2-row strips of a 16-wide raster
     pixels = np.zeros((3, 16, 16), np.uint8)
     pixels[:, 15, 3] = 200
     dataset = tmp_path / "extracted" / "sparse"

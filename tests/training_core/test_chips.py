@@ -17,9 +17,9 @@ from affine import Affine
 from rasterio import windows
 from rasterio.windows import Window
 
+from runtime_export.errors import DatasetError
+from runtime_export.rasters import has_mask_band
 from training_core.datasets.discovery import discover_items
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import has_mask_band
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict, load_header
 from training_core.shards import (

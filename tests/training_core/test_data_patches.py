@@ -10,6 +10,7 @@ import rasterio
 import torch
 
 from runtime_export.numpy_runtime.pixels import PixelRule
+from runtime_export.rasters import read_item
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch
 from training_core.data.patches import (
@@ -21,7 +22,6 @@ from training_core.data.patches import (
     find_geotiffs,
     grid_offsets,
 )
-from training_core.datasets.rasters import read_item
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
 NEW_BRUNSWICK = EXTRACTED / "new_brunswick_landcover"

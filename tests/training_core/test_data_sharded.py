@@ -11,12 +11,12 @@ import rasterio
 import torch
 from torch.utils.data import DataLoader
 
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import ShardDataset, ShardItem, assign_items
 from training_core.datasets.discovery import discover_datasets
-from training_core.datasets.errors import DatasetError
 from training_core.shards import build_shards, iter_split_items
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"

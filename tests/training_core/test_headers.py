@@ -13,9 +13,9 @@ import yaml
 from affine import Affine
 from rasterio.crs import CRS
 
+from runtime_export.errors import DatasetError
+from runtime_export.rasters import ground_pixel_size
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets, discover_items
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import ground_pixel_size
 from training_core.datasets.scan import LICENCE_MAX_CHARS, extract_header, scan_dataset, validate_dataset
 from training_core.datasets.schema import (
     HEADER_FILENAME,

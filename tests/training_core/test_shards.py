@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from training_core.datasets.errors import DatasetError
+from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_hash
 from training_core.shards import (
@@ -232,7 +232,7 @@ def test_cli_builds_and_dry_run_writes_nothing(kampala_copy: Path, tmp_path: Pat
 
 def test_tiles_stream_in_strips(sample_extracted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rasters larger than BLOCK_BYTES are copied strip by strip (bounded memory), still exactly."""
-    monkeypatch.setattr("training_core.datasets.rasters.BLOCK_BYTES", 7 * 280 * 3)  # 7-row strips, a ragged last one
+    monkeypatch.setattr("runtime_export.rasters.BLOCK_BYTES", 7 * 280 * 3)  # 7-row strips, a ragged last one
     report = build_shards(sample_extracted, tmp_path, "new_brunswick_landcover", workers=1)
     assert report.label_values == [1, 2, 3, 4, 5, 6]
     source = sample_extracted / "new_brunswick_landcover"

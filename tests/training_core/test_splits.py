@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import DatasetItem, discover_items
-from training_core.datasets.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import DatasetHeader
 from training_core.splits import (

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from training_core.atomic import atomic_write_text
+from runtime_export.atomic import atomic_write_text
+from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import dataset_content_hash
-from training_core.datasets.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.shards import build_shards

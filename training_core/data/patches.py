@@ -4,7 +4,7 @@ torchgeo-style split of jobs: a *sampler* decides where the windows are (``Rando
 random windows, ``GridPatchSampler`` covers every raster), the *dataset* (``PatchDataset``) turns one
 ``PatchLocation`` into a sample. ``DataLoader(PatchDataset(...), sampler=...)`` wires them together.
 
-Pixels are read through the raster layer (``training_core.datasets.rasters.read_item``) under the
+Pixels are read through the raster layer (``runtime_export.rasters.read_item``) under the
 dataset's pixel rule (band selection, value scaling, validity).
 
 Every sample is a dict: ``image`` uint8 [3, P, P] (model pixels), ``valid`` bool [P, P],
@@ -31,9 +31,9 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset, Sampler
 
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule, infer_bands
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import Tile, open_raster, raster_facts, read_item
+from runtime_export.rasters import Tile, open_raster, raster_facts, read_item
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 

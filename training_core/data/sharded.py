@@ -30,10 +30,10 @@ import torch
 from rasterio.windows import Window
 from torch.utils.data import IterableDataset, get_worker_info
 
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
+from runtime_export.rasters import Tile, read_item
 from training_core.data.patches import crop_sample, pad_tile, patch_window
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import Tile, read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
 from training_core.shards import MANIFEST_FILENAME, iter_split_items, read_manifest
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from training_core.datasets.errors import DatasetError
+from runtime_export.errors import DatasetError
 from training_core.datasets.schema import DatasetHeader, Modality
 
 TIFF_SUFFIXES = (".tif", ".tiff")

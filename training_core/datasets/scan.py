@@ -42,7 +42,17 @@ from typing import Any, TypeVar
 import numpy as np
 import rasterio
 
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule, infer_bands
+from runtime_export.rasters import (
+    RasterFacts,
+    check_target_fits,
+    distinct_values,
+    has_mask_band,
+    open_raster,
+    raster_facts,
+    read_blocks,
+)
 from training_core.datasets.discovery import (
     DatasetItem,
     dataset_root_of,
@@ -50,17 +60,6 @@ from training_core.datasets.discovery import (
     require_utf8,
     resolve_inside,
     tiff_files,
-)
-from training_core.datasets.errors import DatasetError
-from training_core.datasets.rasters import (
-    RasterFacts,
-    check_against,
-    check_target_fits,
-    distinct_values,
-    has_mask_band,
-    open_raster,
-    raster_facts,
-    read_blocks,
 )
 from training_core.datasets.schema import (
     HEADER_FILENAME,
@@ -80,6 +79,7 @@ VALUE_SAMPLE_PER_ITEM = (256, 8192)  # each item's share of the pool, clamped to
 LICENCE_FILES = ("LICENSE", "LICENCE", "LICENSE.txt", "LICENCE.txt")  # at the dataset folder's top, first found
 LICENCE_MAX_CHARS = 200  # a one-line summary for a plugin's dialog, not the licence text
 LICENCE_READ_BYTES = 64 * 1024  # enough for a first line; a large or binary file is not read whole
+LABEL_DTYPE_KINDS = "ui"  # targets hold integer class values
 T = TypeVar("T")
 
 
@@ -106,6 +106,39 @@ class OpenItem:
     input_facts: RasterFacts
     target: rasterio.DatasetReader | None
     target_facts: RasterFacts | None
+
+
+def check_against(facts: RasterFacts, modality: Modality) -> None:
+    """A file's metadata against its modality; the error names the file, the field and the problem."""
+    where = f"{facts.path}: modality {modality.name!r}:"
+    if modality.role == "input":
+        rule = modality.pixel_rule()
+        if facts.count < rule.band_count_needed:
+            raise DatasetError(f"{where} bands: has {facts.count} bands, the header reads bands {list(rule.indexes)}")
+        try:
+            rule.check_dtype(facts.dtype)
+        except ValueError as exc:
+            raise DatasetError(f"{where} {exc}") from None
+    else:
+        if facts.count != 1:
+            raise DatasetError(f"{where} channels: has {facts.count} bands, a target has 1")
+        if np.dtype(facts.dtype).kind not in LABEL_DTYPE_KINDS:
+            raise DatasetError(f"{where} dtype: is {facts.dtype}, a target holds integer labels")
+    if modality.channels is not None and facts.count != modality.channels:
+        raise DatasetError(f"{where} channels: has {facts.count} bands, expected {modality.channels}")
+    if modality.dtype is not None and facts.dtype != modality.dtype:
+        raise DatasetError(f"{where} dtype: is {facts.dtype}, expected {modality.dtype}")
+    if modality.georef_required and not facts.georeferenced:
+        raise DatasetError(f"{where} georef_required: the file has no CRS/geotransform")
+    if modality.crs is not None and facts.crs is not None and facts.crs not in modality.crs:
+        raise DatasetError(f"{where} crs: is {facts.crs}, expected one of {modality.crs}")
+    declared = modality.ground_resolution_m
+    if declared is not None and facts.pixel_size_m is not None:
+        if not all(declared[0] <= size <= declared[1] for size in facts.pixel_size_m):
+            raise DatasetError(
+                f"{where} ground_resolution_m: pixels are {facts.pixel_size_m[0]} x {facts.pixel_size_m[1]} m, "
+                f"outside {list(declared)}"
+            )
 
 
 @contextmanager

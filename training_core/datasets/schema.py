@@ -16,9 +16,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runtime_export.atomic import atomic_write_text
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import DEFAULT_BANDS, PixelRule
-from training_core.atomic import atomic_write_text
-from training_core.datasets.errors import DatasetError
 
 HEADER_FILENAME = "dataset_header.yaml"
 HEADER_VERSION = 0

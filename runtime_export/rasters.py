@@ -1,8 +1,8 @@
 """Rasterio I/O under the pixel rule: the one way every stage reads pixels.
 
 - ``open_raster``: open a file or fail with a ``DatasetError`` naming it.
-- ``RasterFacts`` / ``raster_facts``: what a file's metadata says; ``check_against`` compares them with a
-  header modality; ``check_target_fits`` a target with its input.
+- ``RasterFacts`` / ``raster_facts``: what a file's metadata says (``training_core.datasets.scan.check_against``
+  compares them with a header modality); ``check_target_fits`` a target with its input.
 - ``read_item``: the model pixels (uint8 RGB), validity and labels of a whole raster or of one window,
   reading only that window. Shard building, the loaders, evaluation and ``runtime_export.segment`` all
   read through it (``InputReader`` keeps one raster open for many windows).
@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -27,15 +26,11 @@ from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
-from training_core.datasets.errors import DatasetError
-
-if TYPE_CHECKING:  # the schema needs pydantic; reading pixels (runtime_export.segment) does not
-    from training_core.datasets.schema import Modality
 
 # Pixels read per block when streaming a raster: bounds memory for rasters of any size.
 BLOCK_BYTES = 32 * 1024 * 1024
-LABEL_DTYPE_KINDS = "ui"  # targets hold integer class values
 # Metres per degree east (at the equator; times cos(latitude)) and north: a local flat earth, within about half
 # a percent, plenty for telling a user what resolution a model was trained on.
 METRES_PER_DEGREE_EAST, METRES_PER_DEGREE_NORTH = 111_320.0, 110_574.0
@@ -139,39 +134,6 @@ def _mercator_ground_scale(crs: CRS, x: float, y: float) -> float:
         k0 = float(params.get("k", params.get("k_0", 1.0)))
     _, (latitude,) = warp_transform(crs, "EPSG:4326", [x], [y])
     return math.cos(math.radians(latitude)) / k0
-
-
-def check_against(facts: RasterFacts, modality: Modality) -> None:
-    """A file's metadata against its modality; the error names the file, the field and the problem."""
-    where = f"{facts.path}: modality {modality.name!r}:"
-    if modality.role == "input":
-        rule = modality.pixel_rule()
-        if facts.count < rule.band_count_needed:
-            raise DatasetError(f"{where} bands: has {facts.count} bands, the header reads bands {list(rule.indexes)}")
-        try:
-            rule.check_dtype(facts.dtype)
-        except ValueError as exc:
-            raise DatasetError(f"{where} {exc}") from None
-    else:
-        if facts.count != 1:
-            raise DatasetError(f"{where} channels: has {facts.count} bands, a target has 1")
-        if np.dtype(facts.dtype).kind not in LABEL_DTYPE_KINDS:
-            raise DatasetError(f"{where} dtype: is {facts.dtype}, a target holds integer labels")
-    if modality.channels is not None and facts.count != modality.channels:
-        raise DatasetError(f"{where} channels: has {facts.count} bands, expected {modality.channels}")
-    if modality.dtype is not None and facts.dtype != modality.dtype:
-        raise DatasetError(f"{where} dtype: is {facts.dtype}, expected {modality.dtype}")
-    if modality.georef_required and not facts.georeferenced:
-        raise DatasetError(f"{where} georef_required: the file has no CRS/geotransform")
-    if modality.crs is not None and facts.crs is not None and facts.crs not in modality.crs:
-        raise DatasetError(f"{where} crs: is {facts.crs}, expected one of {modality.crs}")
-    declared = modality.ground_resolution_m
-    if declared is not None and facts.pixel_size_m is not None:
-        if not all(declared[0] <= size <= declared[1] for size in facts.pixel_size_m):
-            raise DatasetError(
-                f"{where} ground_resolution_m: pixels are {facts.pixel_size_m[0]} x {facts.pixel_size_m[1]} m, "
-                f"outside {list(declared)}"
-            )
 
 
 def check_target_fits(target: RasterFacts, input_: RasterFacts) -> None:
