@@ -28,11 +28,12 @@ from assets.lineage import (
 )
 from assets.resources import ProjectPaths
 from assets.training import trained_model
-from runtime_export.export import export_artifact, input_rules_of, promote_if_better, training_data_of
+from runtime_export.artifact import promote_if_better
 from runtime_export.numpy_runtime.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
-from runtime_export.parity import runtime_parity
 from runtime_export.rasters import read_item
 from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.export import export_artifact, input_rules_of, training_data_of
+from training_core.parity import runtime_parity
 from training_core.shards import iter_split_items
 
 EXPORT_GROUP = "export"
@@ -122,7 +123,7 @@ def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.Mat
 
 @dg.asset_check(asset=runtime_artifact, blocking=True)
 def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``runtime_export.parity``)."""
+    """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``training_core.parity``)."""
     artifact = latest_artifact(context.instance, context.op_execution_context.run_id)
     tiles = parity_tiles(paths.processed_root, artifact.datasets)
     report = runtime_parity(artifact.artifact_dir, artifact.checkpoint_path, tiles, PARITY_KS)

@@ -85,13 +85,14 @@ def direct_stages(work_root: Path) -> dict[str, float]:
     import yaml
     from rasterio.windows import Window
 
-    from runtime_export.export import export_artifact, promote_if_better
-    from runtime_export.parity import runtime_parity
+    from runtime_export.artifact import promote_if_better
     from training_core.config import TrainConfig
     from training_core.datasets.discovery import discover_datasets
     from training_core.datasets.scan import extract_header, validate_dataset
     from training_core.datasets.schema import HEADER_FILENAME, dump_header
     from training_core.eval import BASELINE, MODEL, dataset_label_space, evaluate_checkpoint, render_comparison
+    from training_core.export import export_artifact
+    from training_core.parity import runtime_parity
     from training_core.shards import build_shards, iter_split_items, read_manifest, verify_shards
     from training_core.train import train
 

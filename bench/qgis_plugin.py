@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from runtime_export.export import export_model
+from training_core.export import export_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QGIS_PROCESS = "/usr/bin/qgis_process.bin"

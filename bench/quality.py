@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime_export.export import export_artifact, input_rules_of
 from training_core.checkpoint import latest_checkpoint
 from training_core.config import TrainConfig, load_config
 from training_core.datasets.discovery import discover_datasets
 from training_core.eval import BASELINE, CONSTANT, MODEL, dataset_label_space, evaluate_checkpoint
+from training_core.export import export_artifact, input_rules_of
 from training_core.shards import build_shards
 from training_core.train import train
 

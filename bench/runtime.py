@@ -27,9 +27,9 @@ import rasterio
 import torch
 from affine import Affine
 
-from runtime_export.export import export_model
 from runtime_export.numpy_runtime.runtime import load_runtime_model
 from training_core.config import TrainConfig
+from training_core.export import export_model
 from training_core.model import SegmentationModel
 
 ROOT = Path(__file__).resolve().parent.parent

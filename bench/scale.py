@@ -67,7 +67,7 @@ elif stage == "eval":
     from training_core.eval import evaluate_checkpoint
     evaluate_checkpoint(work / f"ckpt-{dataset_id}" / "last.pt", processed, dataset_id)
 elif stage == "segment":
-    from runtime_export.export import export_artifact
+    from training_core.export import export_artifact
     from runtime_export.numpy_runtime.runtime import load_runtime_model
     from runtime_export.segment import segment_raster
     artifact = export_artifact(work / f"ckpt-{dataset_id}" / "last.pt", work / f"artifact-{dataset_id}", {}, {})

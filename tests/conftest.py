@@ -23,6 +23,8 @@ NUMERICAL_TESTS = (
     "training_core/test_model.py",
     "training_core/test_losses.py",
     "training_core/test_eval.py",
+    "training_core/test_export.py",
+    "training_core/test_export_cli.py",
     "training_core/test_metrics.py",
     "assets/test_export.py",
 )

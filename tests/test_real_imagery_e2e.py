@@ -15,12 +15,12 @@ import rasterio
 import yaml
 from rasterio.enums import ColorInterp
 
-from runtime_export.export import export_artifact, input_rules_of
 from tests.imagery import BORDER, GAIN, OFFSET, STORED_ORDER, border_mask, make_rgbn_uint16_cog, scale_by_hand
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import dump_header, header_from_dict, header_to_yaml, load_header
 from training_core.eval import evaluate_checkpoint
+from training_core.export import export_artifact, input_rules_of
 from training_core.shards import build_shards, iter_split_items, verify_shards
 from training_core.splits import SPLITS
 from training_core.train import train

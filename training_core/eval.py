@@ -44,9 +44,9 @@ import numpy as np
 import rasterio
 import torch
 
+from runtime_export.artifact import runtime_meta
 from runtime_export.atomic import atomic_path, atomic_write_text
 from runtime_export.cli import run_cli
-from runtime_export.export import runtime_arrays, runtime_meta
 from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.numpy_runtime.prototypes import (
     DEFAULT_MAX_FIT_CELLS,
@@ -63,6 +63,7 @@ from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig, TrainConfig
 from training_core.data.synthetic import synthetic_tile
 from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.export import runtime_arrays
 from training_core.metrics import (
     Scores,
     confusion_matrix,

@@ -24,9 +24,9 @@ import pytest
 import rasterio
 from PIL import Image
 
-from runtime_export.export import export_model
 from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import ModelConfig, TrainConfig
+from training_core.export import export_model
 
 from ..imagery import GAIN, OFFSET, RGB_BANDS, make_rgbn_uint16_cog
 from ..runtime_export.conftest import PARITY_TILES, SAMPLE_ROOT, calibrated_model, read_rgb

@@ -1,4 +1,4 @@
-"""Issue 24 for ``python -m runtime_export.export`` and ``python -m runtime_export.segment``: every bad input found on
+"""Issue 24 for ``python -m training_core.export`` and ``python -m runtime_export.segment``: every bad input found on
 a user's machine is refused as a user runs it (a child process): non-zero exit, one line naming the file, field and
 problem, no traceback, every file byte-identical, no hidden leftovers. And a killed run's leftovers go with the next.
 """
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from runtime_export.__main__ import smoke_config
-from runtime_export.export import export_artifact
 from tests.reliability.harness import REPO, Untouched, assert_refused, hidden_entries, run_module
 from training_core.checkpoint import load_checkpoint
+from training_core.export import export_artifact
+from training_core.smoke_export import smoke_config
 from training_core.train import train
 
 # A 256 x 256 uint8 RGB tile: segmenting it takes a fraction of a second.
@@ -132,7 +132,7 @@ class Case:
     cwd: Callable[[Shared, Path], Path] | None = None
 
 
-EXPORT, SEGMENT = "runtime_export.export", "runtime_export.segment"
+EXPORT, SEGMENT = "training_core.export", "runtime_export.segment"
 
 CASES = {
     # 1. --out is replaced only when it is an artifact: a run folder, the current folder, the checkpoint's are not.
@@ -393,7 +393,7 @@ def test_killed_export_candidate_is_removed_by_the_next_export(shared: Shared, t
     arguments = ("--checkpoint", shared.checkpoint, "--out", out)
     untouched = Untouched(shared.root)
     # Killed at the parity check: a complete candidate, unverified, was staged beside the artifact.
-    pid = killed_run("runtime_export.export", "runtime_parity", "runtime_export.export", *arguments)
+    pid = killed_run("training_core.export", "runtime_parity", "training_core.export", *arguments)
     (leftover,) = hidden_entries(tmp_path)
     assert Path(leftover).name.startswith(f".artifact.export-staging-{pid}-")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the artifact itself untouched

@@ -11,9 +11,9 @@ import pytest
 import rasterio
 import torch
 
-from runtime_export.export import export_model
 from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.config import ModelConfig, TrainConfig
+from training_core.export import export_model
 from training_core.model import SegmentationModel
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"

@@ -21,8 +21,8 @@ from runtime_export.numpy_runtime.runtime import (
     select_input_rule,
     upsample_argmax,
 )
-from runtime_export.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
 from training_core.config import ModelConfig, TrainConfig
+from training_core.parity import MAX_PROB_DIFF, MIN_LABEL_AGREEMENT, model_parity
 
 from .conftest import calibrated_model
 
@@ -50,7 +50,7 @@ def test_parity_on_sample_tiles(artifact_dir: Path, model, sample_tiles, k: int)
 def test_parity_other_lanes(
     tmp_path: Path, sample_tiles, smoothing: str, luminance_weight: float, chroma_weight: float
 ) -> None:
-    from runtime_export.export import export_model
+    from training_core.export import export_model
 
     config = TrainConfig(
         model=ModelConfig(

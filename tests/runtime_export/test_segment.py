@@ -21,7 +21,6 @@ import rasterio
 from affine import Affine
 
 from runtime_export import segment as segment_module
-from runtime_export.export import export_model
 from runtime_export.numpy_runtime import whole_raster
 from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.numpy_runtime.runtime import load_runtime_model
@@ -29,6 +28,7 @@ from runtime_export.numpy_runtime.whole_raster import tile_windows
 from runtime_export.segment import main, segment_raster
 from tests.numerics import assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
+from training_core.export import export_model
 from training_core.model import SegmentationModel
 
 from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb

@@ -14,7 +14,6 @@ import pytest
 import rasterio
 from affine import Affine
 
-from runtime_export.export import export_model
 from runtime_export.numpy_runtime.prototypes import cell_grid, encoder_input
 from runtime_export.numpy_runtime.runtime import STRIDE, load_runtime_model
 from runtime_export.numpy_runtime.whole_raster import (
@@ -29,6 +28,7 @@ from runtime_export.rasters import InputReader
 from runtime_export.segment import RasterioSource, choose_file_rule, segment_raster
 from tests.numerics import EMBEDDING_ATOL, assert_labels_equal_off_near_ties
 from training_core.config import ModelConfig, TrainConfig
+from training_core.export import export_model
 
 from .conftest import SAMPLE_ROOT, calibrated_model, read_rgb
 from .reference_segment import encode_twice

@@ -230,9 +230,9 @@ def test_streaming_evaluation_equals_fitting_on_all_tiles_in_memory(quebec_shard
 
 def test_evaluation_and_segment_give_the_same_labels(tmp_path: Path) -> None:
     """One raster, one prototype procedure: evaluation's labels are segment's labels."""
-    from runtime_export.export import export_model
     from runtime_export.numpy_runtime.runtime import load_runtime_model
     from runtime_export.segment import segment_raster
+    from training_core.export import export_model
 
     model, config = _small_model()
     artifact = export_model(model, config, tmp_path / "artifact", {}, {})

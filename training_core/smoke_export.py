@@ -1,10 +1,12 @@
 """Smoke export: train a tiny model for a few seeded steps on synthetic tiles and export it.
 
-``python -m runtime_export --smoke-out /tmp/runtime_smoke --seed 7 --steps 1 --embed-dim 8 --max-k 4 --patch-size 32``
+::
+
+    python -m training_core.smoke_export --smoke-out DIR --seed 7 --steps 1 --embed-dim 8 --max-k 4 --patch-size 32
 
 writes ``model.npz`` + ``meta.json`` (+ ``metrics.json``) to ``--smoke-out``; the same flags give the
 same arrays on every run (CPU training is seeded end to end). To export a real training checkpoint:
-``python -m runtime_export.export --checkpoint CKPT --out DIR`` (``runtime_export.export.main``).
+``python -m training_core.export --checkpoint CKPT --out DIR`` (``training_core.export.main``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from runtime_export.artifact import PROMOTION_METRIC, check_out_dir
 from runtime_export.cli import run_cli
-from runtime_export.export import PROMOTION_METRIC, check_out_dir, export_artifact
 from training_core.config import DataConfig, ModelConfig, TrainConfig
+from training_core.export import export_artifact
 from training_core.train import train
 
 
@@ -47,7 +50,7 @@ def smoke_export(out_dir: Path, config: TrainConfig) -> Path:
         return export_artifact(result.checkpoint_path, out_dir, lineage, metrics)
 
 
-PROG = "python -m runtime_export"
+PROG = "python -m training_core.smoke_export"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

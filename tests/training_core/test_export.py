@@ -17,23 +17,16 @@ import rasterio
 import torch
 from affine import Affine
 
-from runtime_export import export as export_module
-from runtime_export.export import (
-    PROMOTION_METRIC,
-    config_hash,
-    export_artifact,
-    export_model,
-    input_rules_of,
-    promote_if_better,
-    training_data_of,
-)
+from runtime_export import artifact as artifact_module
+from runtime_export.artifact import PROMOTION_METRIC, config_hash, promote_if_better
 from runtime_export.numpy_runtime.runtime import RUNTIME_VERSION, RuntimeModel, load_runtime_model, select_input_rule
-from runtime_export.parity import model_parity, runtime_parity
 from training_core.checkpoint import save_checkpoint
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
+from training_core.export import export_artifact, export_model, input_rules_of, training_data_of
+from training_core.parity import model_parity, runtime_parity
 from training_core.shards import build_shards
 
-from .conftest import QUEBEC_RULE
+from ..runtime_export.conftest import QUEBEC_RULE
 
 
 def test_artifact_contents(artifact_dir: Path, learned_config) -> None:
@@ -76,7 +69,7 @@ def test_failed_export_leaves_the_previous_artifact(tmp_path: Path, model, learn
     def refuse(path):
         raise RuntimeError("simulated crash after the arrays were written")
 
-    monkeypatch.setattr(export_module, "load_runtime_model", refuse)
+    monkeypatch.setattr(artifact_module, "load_runtime_model", refuse)
     with pytest.raises(RuntimeError, match="simulated"):
         export_model(model, learned_config, out, {}, {PROMOTION_METRIC: 0.9})
     assert (out / "model.npz").read_bytes() == before
@@ -179,7 +172,7 @@ def test_killed_swap_puts_the_previous_artifact_back(tmp_path: Path, model, lear
     def crash(path):
         raise RuntimeError("simulated crash after the restore")
 
-    monkeypatch.setattr(export_module, "load_runtime_model", crash)
+    monkeypatch.setattr(artifact_module, "load_runtime_model", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         export_model(model, learned_config, first, {}, {PROMOTION_METRIC: 0.2})
     assert _tree(first) == before
@@ -253,7 +246,7 @@ def test_promotion_refuses_a_real_directory(tmp_path: Path, model, learned_confi
 
 
 def test_smoke_export_cli_is_reproducible(tmp_path: Path, capsys) -> None:
-    from runtime_export.__main__ import main
+    from training_core.smoke_export import main
 
     argv = ["--seed", "7", "--steps", "1", "--embed-dim", "8", "--max-k", "4", "--patch-size", "32"]
     assert main(["--smoke-out", str(tmp_path / "a"), *argv]) == 0

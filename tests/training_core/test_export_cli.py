@@ -1,4 +1,4 @@
-"""``python -m runtime_export.export``: any training checkpoint becomes a parity-checked artifact."""
+"""``python -m training_core.export``: any training checkpoint becomes a parity-checked artifact."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime_export import export as export_module
-from runtime_export.export import config_hash
+from runtime_export.artifact import config_hash
 from runtime_export.numpy_runtime.runtime import load_runtime_model
+from training_core import export as export_module
 from training_core.checkpoint import LAST_NAME, load_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.shards import build_shards, read_manifest
@@ -55,7 +55,7 @@ def test_cli_exports_a_loadable_artifact_with_the_checkpoints_lineage(
 ) -> None:
     out = tmp_path / "artifact"
     done = subprocess.run(
-        [sys.executable, "-m", "runtime_export.export", "--checkpoint", str(shards_checkpoint), "--out", str(out)],
+        [sys.executable, "-m", "training_core.export", "--checkpoint", str(shards_checkpoint), "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -120,7 +120,7 @@ def test_bad_input_is_one_error_line(
     out = tmp_path / "artifact"
     assert export_module.main([*make_args(synthetic_checkpoint, tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m runtime_export.export: error: ") and err.count("\n") == 1, err
+    assert err.startswith("python -m training_core.export: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert not out.exists()
 
