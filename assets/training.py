@@ -25,13 +25,10 @@ from runtime_export.errors import DatasetError
 from training_core.checkpoint import load_checkpoint, load_latest_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
 from training_core.shards import read_manifest
-from training_core.train import LOSS_PARTS, progress_line, train
+from training_core.train import LOSS_PARTS, progress_line, train, weight_shaping_config
 
 TRAINING_GROUP = "training"
 TrainRunConfig = dagster_config(TrainConfig)
-# The checkpoint folder depends on what shapes the weights, not on where they are computed: a run
-# moved from CPU to GPU (or retried on another host) resumes the same training.
-_NOT_IN_TRAINING_KEY = ("device", "amp", "compile", "log_every", "checkpoint_every", "eval_every")
 # Pixel entropy is in units of log K, so 1 is a uniform assignment over the clusters.
 UNIFORM_PIXEL_ENTROPY = 0.99
 UNIFORM_CHECK = "assignments_not_uniform"
@@ -181,8 +178,11 @@ def training_data_version(checkpoint: Path, data_versions: dict[str, str]) -> dg
 
 
 def training_key(config: TrainConfig, data_versions: dict[str, str]) -> str:
-    """Hash of what determines the weights (config minus device knobs, plus the shards' data versions)."""
-    shaping = {k: v for k, v in config.model_dump(mode="json").items() if k not in _NOT_IN_TRAINING_KEY}
+    """Hash of what determines the weights: the config without ``training_core.train.NOT_WEIGHT_SHAPING`` (the
+    fields a CLI resume may change too), plus the shards' data versions. The checkpoint folder depends on what
+    shapes the weights, not on where or how fast they are computed: a run moved from CPU to GPU, or given
+    more loader workers, resumes the same training."""
+    shaping = weight_shaping_config(config)
     canonical = json.dumps({"config": shaping, "data_versions": data_versions}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -77,11 +77,12 @@ from training_core.shards import read_manifest
 PROG = "python -m training_core.train"
 LOG_NAME = "train_log.jsonl"
 LOSS_PARTS = ("total", "consistency", "pixel_entropy", "marginal_entropy", "smoothness", "cross_view_mi")
-# Config fields (dotted paths) a resume may change: how long, where and how often to log, checkpoint and
-# evaluate, and how the loader feeds the same data. Any other change alters what the weights learn from.
-RESUMABLE_FIELDS = frozenset(
+# Config fields (dotted paths) that do not change the weights a training produces: where and how often to
+# log, checkpoint and evaluate, and how the loader feeds the same data. The one list: a resume may change
+# them (config_differences), and the Dagster asset's training key, its checkpoint folder, ignores them
+# (weight_shaping_config), so the CLI and Dagster agree on what continues a training.
+NOT_WEIGHT_SHAPING = frozenset(
     {
-        "steps",
         "device",
         "amp",  # the Dagster asset resumes a training moved between CPU and GPU (AMP always on for CUDA)
         "compile",  # the same step, fused: values to float round-off, like amp
@@ -96,6 +97,9 @@ RESUMABLE_FIELDS = frozenset(
         "data.cache_max_items",
     }
 )
+# A resume may also raise ``steps``: seeding per step makes a longer run continue the shorter one exactly. It
+# still shapes the weights (the last step's are the result), so it stays in the training key.
+RESUMABLE_FIELDS = NOT_WEIGHT_SHAPING | {"steps"}
 _ABSENT = "<absent>"  # a field only one of two configs has (renamed or added since the checkpoint)
 
 
@@ -281,6 +285,20 @@ def config_differences(saved: Mapping[str, Any], config: TrainConfig) -> dict[st
         for path in sorted(old.keys() | new.keys())
         if path not in RESUMABLE_FIELDS and old.get(path, _ABSENT) != new.get(path, _ABSENT)
     }
+
+
+def weight_shaping_config(config: TrainConfig) -> dict[str, Any]:
+    """``config.model_dump(mode="json")`` without the ``NOT_WEIGHT_SHAPING`` fields, at any depth: what a
+    key of the weights a training produces may hash."""
+
+    def without(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        return {
+            key: without(value, f"{prefix}{key}.") if isinstance(value, Mapping) else value
+            for key, value in tree.items()
+            if f"{prefix}{key}" not in NOT_WEIGHT_SHAPING
+        }
+
+    return without(config.model_dump(mode="json"), "")
 
 
 def _describe(changed: Mapping[str, tuple[Any, Any]]) -> str:

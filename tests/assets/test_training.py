@@ -10,6 +10,7 @@ from assets.lineage import file_sha256
 from assets.resources import ProjectPaths, TrainingDevice
 from assets.training import assignments_not_uniform, trained_model, training_config, training_key
 from training_core.config import TrainConfig
+from training_core.train import NOT_WEIGHT_SHAPING, config_differences
 
 TINY = {
     "steps": 4,
@@ -102,6 +103,64 @@ def test_training_key_ignores_the_device_but_not_the_data(built: dict, instance:
     assert training_key(cpu, versions) == training_key(gpu, versions)
     assert training_key(cpu, versions) != training_key(cpu, {"unlabeled_scenes": "v2"})
     assert cpu.data.source == "shards" and cpu.data.processed_root == paths.processed_root
+
+
+# A value other than the default for every field that does not shape the weights (a new one needs one here).
+OTHER_VALUES = {
+    "device": "cpu",
+    "amp": True,
+    "compile": True,
+    "log_every": 3,
+    "checkpoint_every": 7,
+    "eval_every": 5,
+    "data.num_workers": 2,
+    "data.prefetch_factor": 4,
+    "data.persistent_workers": True,
+    "data.pin_memory": True,
+    "data.cache_mode": "lru",
+    "data.cache_max_items": 10,
+}
+
+
+def _changed(path: str, value: object) -> TrainConfig:
+    raw = TrainConfig.model_validate(TINY).model_dump(mode="json")
+    *parents, name = path.split(".")
+    section = raw
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    return TrainConfig.model_validate(raw)
+
+
+@pytest.mark.parametrize("path", sorted(NOT_WEIGHT_SHAPING))
+def test_a_field_that_does_not_shape_the_weights_keeps_the_training_key_and_resumes(path: str) -> None:
+    """One list for both: the asset's checkpoint folder and the CLI's resume check ignore the same fields
+    (``data.num_workers`` used to resume on the CLI but start a fresh training under Dagster)."""
+    assert OTHER_VALUES.keys() == NOT_WEIGHT_SHAPING
+    base, changed = TrainConfig.model_validate(TINY), _changed(path, OTHER_VALUES[path])
+    assert changed != base
+    versions = {"unlabeled_scenes": "v1"}
+    assert training_key(changed, versions) == training_key(base, versions)
+    assert config_differences(base.model_dump(mode="json"), changed) == {}
+
+
+@pytest.mark.parametrize(
+    ("path", "value"), [("seed", 7), ("model.embed_dim", 16), ("lr", 1e-3), ("data.patch_size", 64)]
+)
+def test_a_field_that_shapes_the_weights_gives_another_training_key_and_is_refused_on_resume(
+    path: str, value: object
+) -> None:
+    base, changed = TrainConfig.model_validate(TINY), _changed(path, value)
+    versions = {"unlabeled_scenes": "v1"}
+    assert training_key(changed, versions) != training_key(base, versions)
+    assert path in config_differences(base.model_dump(mode="json"), changed)
+
+
+def test_more_steps_resume_on_the_cli_but_are_another_training_key() -> None:
+    """A longer run continues a shorter one (seeded per step), but its last weights are other weights."""
+    base, longer = TrainConfig.model_validate(TINY), _changed("steps", 8)
+    assert config_differences(base.model_dump(mode="json"), longer) == {}
+    assert training_key(longer, {}) != training_key(base, {})
 
 
 def test_no_dataset_to_train_on_is_a_clear_error(resources: dict, instance: dg.DagsterInstance) -> None:
