@@ -23,21 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-    AssetCheckEvaluationTargetMaterializationData,
+
+from assets.dagster_internals import (
+    EVENTS_ALREADY_LOGGED,
+    check_target,
+    provenance_tags,
+    recorded_data_version,
 )
-from dagster._core.definitions.data_version import (
-    CODE_VERSION_TAG,
-    DATA_VERSION_IS_USER_PROVIDED_TAG,
-    DATA_VERSION_TAG,
-    DEFAULT_DATA_VERSION,
-    NULL_EVENT_POINTER,
-    extract_data_version_from_entry,
-    get_input_data_version_tag,
-    get_input_event_pointer_tag,
-)
-from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
-from dagster._core.event_api import EventLogRecord
 
 TRAINED_MODEL = dg.AssetKey("trained_model")
 IOU_EVALUATION = dg.AssetKey("iou_evaluation")
@@ -75,27 +67,19 @@ def partition_materialization(
     """One partition's materialization with the provenance tags Dagster writes for an output: the asset's
     code version, and each dependency's data version and event pointer (what staleness compares)."""
     key = context.asset_key
-    tags = {
-        CODE_VERSION_TAG: context.assets_def.code_versions_by_key[key] or context.run.run_id,
-        DATA_VERSION_TAG: data_version.value,
-        DATA_VERSION_IS_USER_PROVIDED_TAG: "true",
-    }
-    for dependency in sorted(context.assets_def.asset_deps[key]):
-        record = context.instance.get_latest_data_version_record(dependency, partition_key=partition)
-        version = extract_data_version_from_entry(record.event_log_entry) if record else None
-        tags[get_input_data_version_tag(dependency)] = (version or DEFAULT_DATA_VERSION).value
-        tags[get_input_event_pointer_tag(dependency)] = str(record.storage_id) if record else NULL_EVENT_POINTER
+    code_version = context.assets_def.code_versions_by_key[key] or context.run.run_id
+    dependencies = list(context.assets_def.asset_deps[key])
+    tags = provenance_tags(context.instance, code_version, data_version, dependencies, partition)
     return dg.AssetMaterialization(asset_key=key, partition=partition, metadata=metadata, tags=tags)
 
 
 def partitions_logged() -> dg.MaterializeResult:
     """A partitioned asset's result once ``partition_materialization`` logged every partition.
 
-    The marker keeps the step from logging one more materialization per partition for the output: it is
-    how Dagster's own partitioned observable source assets, which log per-partition events the same way,
-    do it (``execute_step._log_materialization_or_observation_events_for_asset``).
+    Its metadata keeps the step from logging one more materialization per partition for the output
+    (``dagster_internals.EVENTS_ALREADY_LOGGED``).
     """
-    return dg.MaterializeResult(metadata={SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION: True})
+    return dg.MaterializeResult(metadata=EVENTS_ALREADY_LOGGED)
 
 
 def partition_check_evaluation(
@@ -108,13 +92,6 @@ def partition_check_evaluation(
     """One partition's result of the (single) check being executed, tied to that partition's materialization."""
     (spec,) = context.check_specs
     record = _newest(context.instance, spec.asset_key, partition=partition)
-    target = (
-        None
-        if record is None
-        else AssetCheckEvaluationTargetMaterializationData(
-            run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp
-        )
-    )
     return dg.AssetCheckEvaluation(
         asset_key=spec.asset_key,
         check_name=spec.name,
@@ -123,7 +100,7 @@ def partition_check_evaluation(
         blocking=spec.blocking,
         description=description,
         metadata=metadata,
-        target_materialization_data=target,
+        target_materialization_data=check_target(record),
     )
 
 
@@ -182,7 +159,7 @@ def latest_training(instance: dg.DagsterInstance, run_id: str | None = None) -> 
     record, metadata = _required(instance, TRAINED_MODEL, run_id)
     return TrainingRecord(
         run_id=record.run_id,
-        data_version=_data_version(record),
+        data_version=recorded_data_version(record),
         checkpoint_path=metadata["checkpoint_path"],
         checkpoint_sha256=metadata["checkpoint_sha256"],
         training_key=metadata["training_key"],
@@ -195,7 +172,7 @@ def latest_evaluation(instance: dg.DagsterInstance, run_id: str | None = None) -
     record, metadata = _required(instance, IOU_EVALUATION, run_id)
     return EvaluationRecord(
         run_id=record.run_id,
-        data_version=_data_version(record),
+        data_version=recorded_data_version(record),
         summary_path=metadata["summary_path"],
         checkpoint_path=metadata["checkpoint_path"],
         checkpoint_sha256=metadata["checkpoint_sha256"],
@@ -211,7 +188,7 @@ def latest_artifact(instance: dg.DagsterInstance, run_id: str | None = None) -> 
     record, metadata = _required(instance, RUNTIME_ARTIFACT, run_id)
     return ArtifactRecord(
         run_id=record.run_id,
-        data_version=_data_version(record),
+        data_version=recorded_data_version(record),
         artifact_dir=metadata["artifact_dir"],
         checkpoint_path=metadata["checkpoint_path"],
         datasets=list(metadata["datasets"]),
@@ -225,13 +202,13 @@ def partition_records(
     found: dict[str, PartitionRecord | None] = {}
     for partition in partitions:
         record = _newest(instance, asset_key, partition=partition)
-        found[partition] = None if record is None else PartitionRecord(record.run_id, _data_version(record))
+        found[partition] = None if record is None else PartitionRecord(record.run_id, recorded_data_version(record))
     return found
 
 
 def _newest(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, run_id: str | None = None, partition: str | None = None
-) -> EventLogRecord | None:
+) -> dg.EventLogRecord | None:
     """The newest materialization of ``asset_key`` (or of one partition); that of ``run_id`` if it made one."""
     if run_id is not None:
         in_run = instance.get_records_for_run(
@@ -249,14 +226,9 @@ def _newest(
 
 def _required(
     instance: dg.DagsterInstance, asset_key: dg.AssetKey, run_id: str | None
-) -> tuple[EventLogRecord, dict[str, Any]]:
+) -> tuple[dg.EventLogRecord, dict[str, Any]]:
     record = _newest(instance, asset_key, run_id)
     materialization = record.asset_materialization if record is not None else None
     if record is None or materialization is None:
         raise dg.Failure(f"{asset_key.to_user_string()} has never been materialized; materialize it first")
     return record, {key: value.value for key, value in materialization.metadata.items()}
-
-
-def _data_version(record: EventLogRecord) -> str | None:
-    version = extract_data_version_from_entry(record.event_log_entry)
-    return None if version is None else version.value

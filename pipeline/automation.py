@@ -10,8 +10,8 @@ import json
 
 import dagster as dg
 
+from assets.dagster_internals import data_version_tags
 from assets.datasets import DATASETS, raw_dataset
-from assets.lineage import DATA_VERSION_TAG
 from assets.resources import ProjectPaths
 from pipeline.jobs import refresh_dataset
 from runtime_export.errors import DatasetError
@@ -39,7 +39,7 @@ def raw_dataset_sensor(context: dg.SensorEvaluationContext, paths: ProjectPaths)
         ],
         dynamic_partitions_requests=[DATASETS.build_add_request(new_partitions)] if new_partitions else None,
         asset_events=[
-            dg.AssetObservation(raw_dataset.key, partition=dataset_id, tags={DATA_VERSION_TAG: hashes[dataset_id]})
+            dg.AssetObservation(raw_dataset.key, partition=dataset_id, tags=data_version_tags(hashes[dataset_id]))
             for dataset_id in changed
         ],
         cursor=json.dumps(hashes, sort_keys=True),
