@@ -18,7 +18,7 @@ from assets.resources import ProjectPaths
 from assets.training import trained_model
 from runtime_export.atomic import atomic_write_text
 from runtime_export.errors import DatasetError
-from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.datasets.built import built_header
 from training_core.eval import (
     BASELINE,
     MODEL,
@@ -212,7 +212,7 @@ def class_names(processed_root: str, dataset_ids: list[str]) -> dict[str, dict[i
     """``label_names`` of each dataset's target modality, from the header its shards were built with."""
     names: dict[str, dict[int, str]] = {}
     for dataset_id in dataset_ids:
-        target = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).target
+        target = built_header(processed_root, dataset_id).target
         names[dataset_id] = dict(target.label_names or {}) if target is not None else {}
     return names
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import dagster as dg
 import numpy as np
-from rasterio.windows import Window
 
 from assets.datasets import dataset_header, processed_shards
 from assets.evaluation import iou_evaluation
@@ -30,16 +29,10 @@ from assets.resources import ProjectPaths
 from assets.training import trained_model
 from runtime_export.artifact import promote_if_better
 from runtime_export.numpy_runtime.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
-from runtime_export.rasters import read_item
-from training_core.datasets.schema import HEADER_FILENAME, load_header
-from training_core.export import export_artifact, input_rules_of, training_data_of
+from training_core.export import PARITY_KS, export_artifact, input_rules_of, parity_tiles, training_data_of
 from training_core.parity import runtime_parity
-from training_core.shards import iter_split_items
 
 EXPORT_GROUP = "export"
-PARITY_KS = (2, 8, 16)
-PARITY_TILES = 2
-PARITY_TILE_SIZE = 256  # a crop keeps the check to seconds on big tiles
 
 
 @dg.asset(
@@ -123,7 +116,8 @@ def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.Mat
 
 @dg.asset_check(asset=runtime_artifact, blocking=True)
 def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
-    """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``training_core.parity``)."""
+    """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``training_core.parity``):
+    the tiles and Ks the export CLI checks too (``training_core.export.parity_tiles``, ``PARITY_KS``)."""
     artifact = latest_artifact(context.instance, context.op_execution_context.run_id)
     tiles = parity_tiles(paths.processed_root, artifact.datasets)
     report = runtime_parity(artifact.artifact_dir, artifact.checkpoint_path, tiles, PARITY_KS)
@@ -140,26 +134,6 @@ def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: Project
             "thresholds": report["thresholds"],
         },
     )
-
-
-def parity_tiles(processed_root: str, dataset_ids: list[str]) -> list[np.ndarray]:
-    """Up to ``PARITY_TILES`` model-pixel tiles (cropped to ``PARITY_TILE_SIZE``) from the datasets' shards,
-    read under each dataset's pixel rule as training and segmentation read them."""
-
-    def crop(height: int, width: int) -> Window:
-        return Window(0, 0, min(width, PARITY_TILE_SIZE), min(height, PARITY_TILE_SIZE))
-
-    tiles: list[np.ndarray] = []
-    for dataset_id in sorted(dataset_ids):
-        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
-        for split in ("val", "metrics_train", "train"):
-            for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-                tiles.append(read_item(shard_dir / entry.input, None, rule, crop).image)
-                if len(tiles) == PARITY_TILES:
-                    return tiles
-    if not tiles:
-        raise dg.Failure(f"no tile in the shards of {dataset_ids} under {processed_root} to test parity on")
-    return tiles
 
 
 def artifact_version(artifact_dir: Path) -> dg.DataVersion:

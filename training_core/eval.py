@@ -62,7 +62,7 @@ from training_core.baseline import fit_rgb_centres, nearest_centre_labels
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import ModelConfig, TrainConfig
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.datasets.built import built_header
 from training_core.export import runtime_arrays
 from training_core.metrics import (
     Scores,
@@ -313,7 +313,7 @@ class SplitTiles:
     ignore_value: int = 0
 
     def __iter__(self) -> Iterator[LabeledTile]:
-        rule = load_header(self.processed_root / self.dataset_id / HEADER_FILENAME).pixel_rule
+        rule = built_header(self.processed_root, self.dataset_id).pixel_rule
         for shard_dir, entry in iter_split_items(self.processed_root, self.dataset_id, self.split):
             target = shard_dir / entry.target if entry.target else None
             yield read_tile(entry.item_id, shard_dir / entry.input, target, rule, self.ignore_value)
@@ -436,7 +436,7 @@ def _mean_proxies(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def dataset_label_space(processed_root: str | Path, dataset_id: str) -> tuple[int | None, int, str]:
     """(number of classes or None when unlabeled, iou_ignore_label_leq, data version) of a processed dataset."""
-    header = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME)
+    header = built_header(processed_root, dataset_id)
     manifest = read_manifest(processed_root, dataset_id)
     ignore_leq = header.validation_metrics.iou_ignore_label_leq
     classes = [value for value in manifest["label_values"] if value > ignore_leq]

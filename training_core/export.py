@@ -46,7 +46,7 @@ from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
 from training_core.data.sharded import processed_dataset_ids
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.datasets.built import built_header
 from training_core.model import SegmentationModel, smoothing_kernel
 from training_core.parity import runtime_parity
 from training_core.shards import iter_split_items
@@ -105,7 +105,7 @@ def input_rules_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> di
     """
     rules: dict[str, dict[str, Any]] = {}
     for dataset_id in sorted(set(dataset_ids)):
-        header = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME)
+        header = built_header(processed_root, dataset_id)
         dtype = header.input.dtype or _built_input_dtype(processed_root, dataset_id)
         rules[dataset_id] = {"dtype": dtype, **header.pixel_rule.to_dict()}
     return rules
@@ -120,7 +120,7 @@ def training_data_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> 
     """
     data: dict[str, dict[str, Any]] = {}
     for dataset_id in sorted(set(dataset_ids)):
-        header = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME)
+        header = built_header(processed_root, dataset_id)
         resolution = header.input.ground_resolution_m
         data[dataset_id] = {
             "licence": header.licence,
@@ -199,7 +199,7 @@ def parity_tiles(processed_root: str | Path, dataset_ids: Iterable[str]) -> list
 
     tiles: list[np.ndarray] = []
     for dataset_id in sorted(dataset_ids):
-        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
+        rule = built_header(processed_root, dataset_id).pixel_rule
         for split in ("val", "metrics_train", "train"):
             for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
                 tiles.append(read_item(shard_dir / entry.input, None, rule, crop).image)

@@ -19,10 +19,20 @@ from affine import Affine
 
 from runtime_export import artifact as artifact_module
 from runtime_export.artifact import PROMOTION_METRIC, config_hash, promote_if_better
+from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.runtime import RUNTIME_VERSION, RuntimeModel, load_runtime_model, select_input_rule
 from training_core.checkpoint import save_checkpoint
+from training_core.datasets.built import built_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
-from training_core.export import export_artifact, export_model, input_rules_of, training_data_of
+from training_core.export import (
+    PARITY_TILE_SIZE,
+    PARITY_TILES,
+    export_artifact,
+    export_model,
+    input_rules_of,
+    parity_tiles,
+    training_data_of,
+)
 from training_core.parity import model_parity, runtime_parity
 from training_core.shards import build_shards
 
@@ -284,6 +294,34 @@ def test_input_rules_of_built_datasets(tmp_path: Path, model, learned_config) ->
     assert input_rules_of(processed, ["naip", "naip"]) == expected
     artifact = export_model(model, learned_config, tmp_path / "artifact", {}, {}, expected)
     assert select_input_rule(load_runtime_model(artifact).meta, "uint16") == header.pixel_rule
+
+
+def test_parity_tiles_of_a_uint16_four_band_dataset(tmp_path: Path) -> None:
+    """The tiles the export CLI and the asset check parity on are model pixels read under the built pixel rule."""
+    images = tmp_path / "extracted" / "naip" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    geo = {"crs": "EPSG:3857", "transform": Affine(1, 0, 500, 0, -1, 900), "width": 280, "height": 300}
+    raws = {}
+    for name in ("a", "b", "c"):
+        raws[name] = rng.integers(300, 4000, (4, 300, 280), dtype=np.uint16)
+        with rasterio.open(images / f"{name}.tif", "w", driver="GTiff", count=4, dtype="uint16", **geo) as dst:
+            dst.write(raws[name])
+    processed = tmp_path / "processed"
+    build_shards(tmp_path / "extracted", processed, "naip", workers=1)
+    rule = built_header(processed, "naip").pixel_rule
+    assert rule == load_header(processed / "naip" / HEADER_FILENAME).pixel_rule and rule.value_range is not None
+
+    tiles = parity_tiles(str(processed), ["naip"])
+    assert len(tiles) == PARITY_TILES
+    expected = [rule.to_uint8(raw[:3, :PARITY_TILE_SIZE, :PARITY_TILE_SIZE]) for raw in raws.values()]
+    for tile in tiles:
+        assert tile.dtype == np.uint8 and tile.shape == (3, PARITY_TILE_SIZE, PARITY_TILE_SIZE)
+        assert any(np.array_equal(tile, candidate) for candidate in expected)
+    # No tile to check is a DatasetError (a user error: one line from the CLI, no retry in Dagster); the asset's
+    # own copy raised dagster.Failure, which a library cannot.
+    with pytest.raises(DatasetError, match="no tile in the shards"):
+        parity_tiles(processed, [])
 
 
 def test_meta_describes_the_training_data(tmp_path: Path, model, learned_config, write_tif) -> None:
