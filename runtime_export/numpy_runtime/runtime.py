@@ -249,8 +249,14 @@ class RuntimeModel:
 
     def check_k(self, k: int) -> None:
         """A K this model cannot cluster into is a ValueError naming K and the model's range."""
-        if not is_int(k) or not 2 <= k <= self.max_k:
-            raise ValueError(f"k={k!r} is outside the model's k_range [2, {self.max_k}] (2 to its max_k)")
+        check_k_range(k, self.max_k)
+
+
+def check_k_range(k: int, max_k: int) -> None:
+    """The one K-range rule, for a model with ``max_k`` seed channels: K is an int from 2 to ``max_k`` (fewer
+    seed channels than K would silently fit fewer clusters). A ValueError names K and the range."""
+    if not is_int(k) or not 2 <= k <= max_k:
+        raise ValueError(f"k={k!r} is outside the model's k_range [2, {max_k}] (2 to its max_k)")
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from runtime_export.numpy_runtime.prototypes import PrototypeSample
 from runtime_export.numpy_runtime.runtime import (
     RUNTIME_VERSION,
     ArtifactError,
+    check_k_range,
     load_runtime_model,
     select_input_rule,
     upsample_argmax,
@@ -101,6 +102,16 @@ def test_bad_inputs_are_clear_errors(artifact_dir: Path, sample_tiles) -> None:
             runtime.forward(sample_tiles[2], k)
         with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 16\]"):
             runtime.predict_labels(sample_tiles[2], k)
+
+
+def test_one_k_range_rule() -> None:
+    """2 to max_k, ints only (numpy's too): the rule the runtime, segment, whole_raster and eval apply."""
+    for k in (2, 16, np.int64(5)):
+        check_k_range(k, 16)
+    for k in (1, 17, 0, -3, 2.0, True, "4", None):
+        with pytest.raises(ValueError, match=r"is outside the model's k_range \[2, 16\]") as refused:
+            check_k_range(k, 16)
+        assert str(refused.value).startswith(f"k={k!r} ")
 
 
 def test_prototypes_refuse_k_beyond_the_models_range(artifact_dir: Path, sample_tiles) -> None:
