@@ -5,8 +5,9 @@
 The zip holds one folder, ``segpipe/`` (what QGIS's "Install from ZIP" expects): the plugin's own files
 and ``segpipe/numpy_runtime/``, a byte-for-byte copy of every module of ``runtime_export/numpy_runtime/``
 (numpy and the standard library only, importing each other relatively, so the copy runs unchanged). Never
-edit the copy: it is rebuilt from the source each time, and a test fails when a built zip's copy differs from
-the source. Standard library only; entries have a fixed timestamp, so the same sources give the same zip.
+edit the copy: it is rebuilt from the source each time, and tests/test_plugin_zip.py fails when a built zip
+misses, adds or changes any file of the plugin or the runtime. Standard library only; entries have a fixed
+timestamp, so the same sources give the same zip.
 """
 
 from __future__ import annotations

@@ -29,12 +29,29 @@ NUMERICAL_TESTS = (
     "assets/test_export.py",
 )
 
+# Long tests are marked `slow` (skip them with -m "not slow"): every test allowed SLOW_TIMEOUT_S or more
+# (`pytest.mark.timeout`: the whole-pipeline runs), the modules below, and the `system` tests, which mark
+# themselves (tests/ops/test_ui_browser.py, tests/ops/test_postgres.py, tests/qgis/).
+SLOW_TIMEOUT_S = 180
+SLOW_TESTS = (
+    "pipeline/test_concurrent_runs.py",  # sample_pipeline runs, several jobs each
+    "training_core/test_compile.py",  # torch.compile: about a minute on 2 cores
+)
+
+
+def _under(where: str, paths: tuple[str, ...]) -> bool:
+    return any(where == path or where.startswith(f"{path}/") for path in paths)
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         where = item.path.relative_to(TESTS).as_posix()
-        if any(where == path or where.startswith(f"{path}/") for path in NUMERICAL_TESTS):
+        if _under(where, NUMERICAL_TESTS):
             item.add_marker(pytest.mark.numerical)
+        timeout = item.get_closest_marker("timeout")
+        allowed = (timeout.args[0] if timeout.args else timeout.kwargs.get("timeout", 0)) if timeout else 0
+        if _under(where, SLOW_TESTS) or allowed >= SLOW_TIMEOUT_S:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

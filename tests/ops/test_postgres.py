@@ -23,7 +23,7 @@ SAMPLE_EXTRACTED_ROOT = REPO_ROOT / "sample_data" / "extracted"
 # kampala_buildings: 48 tiles, 16 with masks -> 32 unlabeled (train), 16 labeled split 4 / 12.
 EXPECTED_COUNTS = {"count_train": 32, "count_metrics_train": 4, "count_val": 12}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
 @pytest.fixture

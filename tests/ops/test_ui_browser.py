@@ -30,7 +30,7 @@ from training_core.datasets.discovery import dataset_content_hash
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extras")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 LOCATION = yaml.safe_load((REPO_ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
 STAGES = ("dataset_header", "processed_shards", "trained_model", "iou_evaluation", "runtime_artifact")

@@ -5,8 +5,10 @@
   ``python -m runtime_export.segment`` gives with QGIS's own Python and numpy, on every pixel; and the labels
   of the project's environment (another numpy and OpenBLAS build: the same arithmetic up to rounding);
 - the output opens in QGIS as a paletted layer of K segments, with overviews, tags and ordinary permissions;
-- the Processing API reports progress, and a cancel midway leaves no output and no scratch file;
-- the vendored runtime in the zip is the source, byte for byte.
+- the Processing API reports progress, and a cancel midway leaves no output and no scratch file.
+
+What the zip holds (the plugin and the numpy runtime, byte for byte) and that the build is reproducible need no
+QGIS: tests/test_plugin_zip.py, outside the `system` tests.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from training_core.export import export_model
 from ..imagery import GAIN, OFFSET, RGB_BANDS, make_rgbn_uint16_cog
 from ..runtime_export.conftest import PARITY_TILES, SAMPLE_ROOT, calibrated_model, read_rgb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 QGIS_PROCESS = Path("/usr/bin/qgis_process.bin")  # Debian's qgis_process wrapper adds a flag 3.22 rejects
@@ -62,7 +64,7 @@ def qgis_env(profile: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def qgis_installed() -> None:
-    if not QGIS_PROCESS.exists() or not (REPO / "bin/install-system-deps").exists():
+    if not QGIS_PROCESS.exists():
         subprocess.run([str(REPO / "bin/install-system-deps")], check=False)
     if not QGIS_PROCESS.exists():
         pytest.fail("QGIS is not installed and bin/install-system-deps could not install it")
@@ -283,19 +285,6 @@ def mosaic_raster(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_vendored_runtime_is_the_source(plugin_zip: Path) -> None:
-    with zipfile.ZipFile(plugin_zip) as archive:
-        vendored = {
-            Path(name).name: archive.read(name)
-            for name in archive.namelist()
-            if name.startswith("segpipe/numpy_runtime/")
-        }
-    source = REPO / "runtime_export" / "numpy_runtime"
-    assert set(vendored) == {path.name for path in source.glob("*.py")}
-    for name, content in vendored.items():
-        assert content == (source / name).read_bytes(), f"segpipe/numpy_runtime/{name} is stale"
-
-
 def test_openblas_matmul_is_numpys_product(qgis_installed: None, profile: Path) -> None:
     """Outside QGIS, numpy calls OpenBLAS itself: the plugin's direct call must give the same bits for every
     layout the runtime uses (plain, transposed first or second operand, written into a slice)."""
@@ -317,12 +306,3 @@ print("ok")
     plugins = profile / "profiles" / "default" / "python" / "plugins"
     done = subprocess.run([str(QGIS_PYTHON), "-c", script, str(plugins)], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr
-
-
-def test_build_is_reproducible(plugin_zip: Path, tmp_path: Path) -> None:
-    again = tmp_path / "again.zip"
-    subprocess.run([str(REPO / "bin/build-qgis-plugin"), str(again)], check=True, capture_output=True)
-    assert again.read_bytes() == plugin_zip.read_bytes()
-    with zipfile.ZipFile(again) as archive:
-        assert {name.split("/")[0] for name in archive.namelist()} == {"segpipe"}
-        assert "segpipe/metadata.txt" in archive.namelist()
