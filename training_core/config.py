@@ -35,10 +35,10 @@ class ModelConfig(StrictModel):
         description="3x3 smoothing of the stride-4 assignments: fast (box filter), learned (trained kernel), none",
     )
     smooth_iters: int = Field(2, ge=0, description="passes of the 3x3 smoothing over the stride-4 assignments")
-    # Colour at inference only since quality sweep 4; in the opponent basis since sweep 6, the chroma
-    # weighted above the luminance (docs/MODEL_NOTES.md): on the same 16 checkpoints luminance 2 / chroma 5
-    # beat RGB at weight 2 (luminance and chroma 2) on every dataset: kampala +0.025 over k-means on RGB
-    # (+0.013), new_brunswick +0.035 (+0.022), quebec +0.033 over the constant predictor (+0.019).
+    # The stride-4 colour is appended at inference only (in training too: ruled out), in the opponent basis
+    # with the chroma weighted above the luminance: on the same 16 checkpoints, luminance 2 / chroma 5 beat RGB
+    # at weight 2 on every sample dataset (margin over the floor: kampala +0.025 against +0.013, new_brunswick
+    # +0.035 against +0.022, quebec +0.033 against +0.019). Evidence: docs/MODEL_NOTES.md.
     luminance_weight: float = Field(2.0, ge=0, description="weight of the stride-4 input luminance in the embedding")
     chroma_weight: float = Field(5.0, ge=0, description="weight of the stride-4 input chroma (two opponent channels)")
     colour_in_training: bool = Field(
@@ -109,8 +109,8 @@ class LossConfig(StrictModel):
     )
     smoothness: float = Field(0.1, ge=0, description="weight of the edge-aware smoothness (neighbours agree)")
     edge_sharpness: float = Field(10.0, ge=0, description="smoothness weight is exp(-this * colour step)")
-    # Weight 3 since quality sweep 3 (docs/MODEL_NOTES.md): over 8 seeds it lifted kampala and quebec
-    # above their floors; weight 1 and 2 scored lower on both.
+    # Weight 3: over 8 seeds it lifted kampala and quebec above their floors; weights 1 and 2 scored lower
+    # on both (docs/MODEL_NOTES.md).
     cross_view_mi: float = Field(3.0, ge=0, description="weight of the seed head's cross-view mutual information")
 
 

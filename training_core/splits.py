@@ -3,7 +3,7 @@
 Items are source rasters: a raster the shard build cuts into chips is one item here, and all its chips
 follow it (``training_core.shards``), so no area of one raster is in two splits.
 
-The rule (DESIGN.md "Deterministic split"):
+The rule:
 
 - Unlabeled items (no target) go to ``train``.
 - Labeled items are ranked by a keyed hash: blake2b of the item id, keyed by ``seed`` and ``dataset_id``.

@@ -1,4 +1,5 @@
-"""The device / AMP policy table of DESIGN.md, checked on any machine through the availability overrides."""
+"""The device / AMP policy (``training_core/device.py``'s docstring) as a table of every case, checked on any
+machine through the availability overrides."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``ShardDataset``: an IterableDataset over processed shards (DESIGN.md "Shards").
+"""``ShardDataset``: an IterableDataset over processed shards (layout: ``training_core/shards.py``).
 
 Partitioning. Every DataLoader worker of every DDP rank has a global worker id
 ``rank * num_workers + worker_id`` out of ``world_size * num_workers``. With at least as many shards

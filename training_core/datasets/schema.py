@@ -36,7 +36,7 @@ def _relative_inside(value: str, field: str) -> str:
 
 
 class Modality(_Strict):
-    """One raster modality. ``crs`` is an addition to DESIGN.md's list: the CRSs found (inferred) or allowed.
+    """One raster modality. ``crs``: the CRSs its files have (inferred at extraction) or may have (declared).
 
     Inputs may have any number of bands (``channels``); ``bands`` says which are R, G, B and
     ``alpha_band`` which one marks valid pixels. Non-uint8 inputs need ``value_range``.
