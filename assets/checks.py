@@ -17,9 +17,10 @@ from assets.lineage import partition_check_evaluation
 from assets.resources import ProjectPaths
 from runtime_export.errors import DatasetError
 from runtime_export.rasters import open_raster
+from training_core.datasets.built import built_header
 from training_core.datasets.discovery import DatasetItem, discover_items
 from training_core.datasets.scan import validate_dataset
-from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.datasets.schema import load_header
 from training_core.shards import (
     IndexEntry,
     entries_by_source,
@@ -130,7 +131,7 @@ def tiles_intact_and_readable(context: dg.AssetCheckExecutionContext, paths: Pro
     has the bands its header reads; every target is one band of its input's height x width."""
 
     def problems(dataset_id: str) -> list[str]:
-        header = load_header(Path(paths.processed_root) / dataset_id / HEADER_FILENAME)
+        header = built_header(paths.processed_root, dataset_id)
         found = []
         for _, shard_dir, entry in index_entries(paths.processed_root, dataset_id):
             found += tile_problems(shard_dir, entry, header)

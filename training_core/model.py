@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime_export.numpy_runtime.runtime import check_k_range
 from training_core.config import STRIDE, ModelConfig
 
 NORM_EPS = 1e-12  # F.normalize's default eps
@@ -370,8 +371,7 @@ class SegmentationModel(nn.Module):
         once for a dataset or raster) replace the per-tile seeded soft k-means by one assignment to them,
         so cluster ids mean the same in every tile."""
         cfg = self.config
-        if not 2 <= k <= cfg.max_k:
-            raise ValueError(f"k={k} is outside [2, max_k={cfg.max_k}]")
+        check_k_range(k, cfg.max_k)
         if rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"expected RGB of shape [B, 3, H, W], got {tuple(rgb.shape)}")
         iters = cfg.eval_cluster_iters if cluster_iters is None else cluster_iters

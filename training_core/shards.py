@@ -64,6 +64,7 @@ from runtime_export.cli import run_cli
 from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.rasters import distinct_values, has_mask_band, open_raster, raster_facts
+from training_core.datasets.built import built_header
 from training_core.datasets.discovery import (
     DatasetItem,
     dataset_content_hash,
@@ -859,7 +860,7 @@ def verify_shards(processed_root: str | Path, dataset_id: str) -> list[str]:
     root = Path(processed_root) / dataset_id
     try:
         manifest = read_manifest(processed_root, dataset_id)
-        header = load_header(root / HEADER_FILENAME)
+        header = built_header(processed_root, dataset_id)
     except DatasetError as exc:
         return [str(exc)]
     problems: list[str] = []

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .runtime import STRIDE, Embedding, RuntimeModel, soft_kmeans
+from .runtime import STRIDE, Embedding, RuntimeModel, check_k_range, soft_kmeans
 
 DEFAULT_MAX_FIT_CELLS = 65_536
 
@@ -87,9 +87,7 @@ class PrototypeSample:
         """Prototypes [K, D'] of the model's soft k-means over the kept cells in raster order."""
         if not self._keys:
             raise ValueError("no valid cells to fit cluster prototypes on (all nodata?)")
-        max_k = self._seeds[0].shape[1]  # the model's seed channels
-        if not 2 <= k <= max_k:  # fewer seed columns than K would silently fit fewer clusters
-            raise ValueError(f"k={k!r} is outside the model's k_range [2, {max_k}] (2 to its max_k)")
+        check_k_range(k, max_k=self._seeds[0].shape[1])  # the model's seed channels
         keys = np.concatenate(self._keys, axis=1)
         order = np.lexsort((keys[2], keys[1], keys[0]))
         embeddings = np.concatenate(self._embeddings)[order]

@@ -99,7 +99,7 @@ def test_training_mode_clusters_colour_only_when_asked(colour_in_training: bool,
 @pytest.mark.parametrize("k", [0, 1, 9])
 def test_k_outside_range_is_a_clear_error(k: int) -> None:
     model = SegmentationModel(ModelConfig(embed_dim=8, max_k=8))
-    with pytest.raises(ValueError, match=rf"k={k} is outside \[2, max_k=8\]"):
+    with pytest.raises(ValueError, match=rf"k={k} is outside the model's k_range \[2, 8\]"):
         model(torch.rand(1, 3, 16, 16), k)
 
 

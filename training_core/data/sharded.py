@@ -34,7 +34,7 @@ from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.rasters import Tile, read_item
 from training_core.data.patches import crop_sample, pad_tile, patch_window
-from training_core.datasets.schema import HEADER_FILENAME, load_header
+from training_core.datasets.built import built_header
 from training_core.shards import MANIFEST_FILENAME, iter_split_items, read_manifest
 
 
@@ -66,7 +66,7 @@ def list_shards(processed_root: str | Path, dataset_ids: Sequence[str], split: s
     count = 0
     for dataset_id in dataset_ids:
         read_manifest(processed_root, dataset_id)
-        rule = load_header(Path(processed_root) / dataset_id / HEADER_FILENAME).pixel_rule
+        rule = built_header(processed_root, dataset_id).pixel_rule
         for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
             shards.setdefault(shard_dir, []).append(
                 ShardItem(
