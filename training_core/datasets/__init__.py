@@ -4,6 +4,7 @@
 - ``discovery`` dataset folders, items paired by stem, the content hash (the raw data version).
 - ``scan``      reading a whole dataset once: validation against a header (``check_against``), or header
                 inference.
+- ``built``     a built dataset's header: the copy the shard build writes beside the shards.
 
 Pixels are read through ``runtime_export.rasters`` (rasterio I/O under the pixel rule of
 ``runtime_export.numpy_runtime.pixels``: windowed reads, file facts, block streaming), the one raster layer
