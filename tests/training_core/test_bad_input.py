@@ -190,7 +190,7 @@ def test_index_symlink_leaving_the_shard(built, tmp_path: Path) -> None:
 
 KILL_MIDWAY = """
 import os, signal, sys
-from training_core import shards
+from training_core.shards import write as shards
 
 real_write_item, written = shards._write_item, []
 
