@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from runtime_export.atomic import make_staging_dir
+from runtime_export.leftovers import dead_leftovers, owned_prefix
 from runtime_export.numpy_runtime.runtime import (
     META_FILENAME,
     METRICS_FILENAME,
@@ -38,7 +39,6 @@ from runtime_export.numpy_runtime.runtime import (
     STRIDE,
     load_runtime_model,
 )
-from runtime_export.numpy_runtime.whole_raster import dead_leftovers, owned_prefix
 
 PROMOTION_METRIC = "val_miou"  # key of metrics.json compared by promote_if_better
 ARTIFACT_FILES = frozenset({MODEL_FILENAME, META_FILENAME, METRICS_FILENAME})

@@ -53,6 +53,14 @@ from rasterio.errors import RasterioError
 
 from runtime_export.atomic import fsync_dir, verify_raster
 from runtime_export.cli import run_cli
+from runtime_export.leftovers import dead_leftovers, owned_prefix
+from runtime_export.numpy_runtime.label_style import (
+    label_colours,
+    label_style,
+    label_tags,
+    overview_factors,
+    style_path,
+)
 from runtime_export.numpy_runtime.pixels import PixelRule, check_value_range
 from runtime_export.numpy_runtime.prototypes import DEFAULT_MAX_FIT_CELLS
 from runtime_export.numpy_runtime.runtime import RuntimeModel, load_runtime_model
@@ -64,14 +72,7 @@ from runtime_export.numpy_runtime.whole_raster import (
     Window,
     check_k,
     choose_input_rule,
-    dead_leftovers,
-    label_colours,
-    label_style,
-    label_tags,
-    overview_factors,
-    owned_prefix,
     segment_source,
-    style_path,
 )
 from runtime_export.rasters import InputReader, open_raster
 
@@ -284,7 +285,7 @@ def _label_profile(reader: InputReader, nodata_label: int) -> dict[str, Any]:
 
 
 def _build_overviews(path: Path) -> None:
-    """Nearest-neighbour overviews inside the GeoTIFF (``whole_raster.overview_factors``): labels are not averaged."""
+    """Nearest-neighbour overviews inside the GeoTIFF (``label_style.overview_factors``): labels are not averaged."""
     with rasterio.open(path, "r+") as dst:
         factors = overview_factors(dst.width, dst.height)
         if factors:

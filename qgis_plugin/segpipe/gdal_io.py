@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 from osgeo import gdal, gdal_array
 
+from .numpy_runtime.label_style import label_colours, label_style, label_tags, overview_factors, style_path
 from .numpy_runtime.pixels import PixelRule
-from .numpy_runtime.whole_raster import Window, label_colours, label_style, label_tags, overview_factors, style_path
+from .numpy_runtime.whole_raster import Window
 
 # As in runtime_export.segment: GDAL's block cache (QGIS leaves GDAL's default, 5% of RAM) would grow with the
 # raster during the two passes; this cap holds a row of tiles of a wide striped input.

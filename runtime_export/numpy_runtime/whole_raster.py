@@ -26,16 +26,12 @@ one grid: no seams, and a raster segmented in one tile or in many gives the same
 (the pixel rule's validity) are filled with the model's mean colour before encoding, never fitted, and
 labelled ``nodata_label``.
 
-What a label raster carries so that it looks right when opened (the same from both writers):
-``label_colours`` (K distinct colours, the nodata label transparent), ``overview_factors`` and
-``label_tags`` (model, data versions, K); and beside it ``label_style``, a QGIS style (``.qml``, which QGIS
-loads with the raster) listing the K segments alone, where the GeoTIFF's colour table has 256 entries.
+What a label raster carries to look right when opened (colours, tags, overviews, the QGIS style) is
+``label_style``'s.
 """
 
 from __future__ import annotations
 
-import colorsys
-import json
 import math
 import os
 import tempfile
@@ -48,7 +44,7 @@ import numpy as np
 
 from .pixels import PixelRule, infer_bands
 from .prototypes import DEFAULT_MAX_FIT_CELLS, PrototypeSample, cell_grid, encoder_input, lattice_step, valid_cells
-from .runtime import RUNTIME_VERSION, STRIDE, Embedding, RuntimeModel, select_input_rule
+from .runtime import STRIDE, Embedding, RuntimeModel, select_input_rule
 
 DEFAULT_TILE = 512
 DEFAULT_NODATA_LABEL = 255
@@ -56,8 +52,6 @@ DEFAULT_NODATA_LABEL = 255
 # conv2 2 px, the four residual convs 4 px each (19 px), rounded up with the avg-pool block.
 ENCODER_REACH_CELLS = 6
 SCRATCH_NAME = "segment-scratch.f32"  # the spill's name in messages (the file itself has none)
-OVERVIEW_MIN_SIDE = 256  # overviews halve the raster until its longer side would drop below this
-TAG_PREFIX = "SEGPIPE_"
 
 
 @dataclass(frozen=True)
@@ -242,39 +236,6 @@ def _reserve(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (POSIX). Elsewhere always True: Windows' ``os.kill(pid, 0)`` would stop it."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
-def owned_prefix(prefix: str) -> str:
-    """``<prefix><pid>-``: how a run starts the names of the temporaries it makes beside its output, so that a later
-    run can tell those of a killed run (``dead_leftovers``) from those of a run still going."""
-    return f"{prefix}{os.getpid()}-"
-
-
-def dead_leftovers(folder: Path, prefix: str) -> list[Path]:
-    """The entries of ``folder`` named ``<prefix><pid>-...`` (``owned_prefix``) whose process is gone, sorted."""
-    try:
-        names = sorted(entry.name for entry in folder.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    dead = []
-    for name in names:
-        pid = name[len(prefix) :].split("-", 1)[0] if name.startswith(prefix) else ""
-        if pid.isdigit() and not process_alive(int(pid)):
-            dead.append(folder / name)
-    return dead
-
-
 def embedding_dim(model: RuntimeModel) -> int:
     """D', the width of the clustered embedding, as the model makes it (encoder channels, colour channels if any)."""
     return model.embed(np.zeros((3, STRIDE, STRIDE), np.uint8)).embeddings.shape[1]
@@ -375,70 +336,3 @@ def assign_tile(model: RuntimeModel, spill: EmbeddingSpill, tile: TileWindow, pr
     labels = model.labels_from_assignment(model.assign(embedding, prototypes), embedding)
     y, x = tile.core.row_off - r0 * STRIDE, tile.core.col_off - c0 * STRIDE
     return labels[y : y + tile.core.height, x : x + tile.core.width]
-
-
-def label_colours(k: int, nodata_label: int = DEFAULT_NODATA_LABEL) -> dict[int, tuple[int, int, int, int]]:
-    """RGBA colour of every label: K distinct colours (hues a golden angle apart, so neighbouring ids differ
-    strongly at any K) and the nodata label transparent."""
-    colours = {}
-    for label in range(k):
-        red, green, blue = colorsys.hsv_to_rgb((label * 0.618033988749895) % 1.0, 0.75 - 0.25 * (label % 2), 0.95)
-        colours[label] = (round(red * 255), round(green * 255), round(blue * 255), 255)
-    colours[nodata_label] = (0, 0, 0, 0)
-    return colours
-
-
-def label_style(k: int, nodata_label: int = DEFAULT_NODATA_LABEL) -> str:
-    """A QGIS layer style (``.qml``): a paletted renderer with one entry per segment, ``segment 0`` ... ``segment K-1``,
-    in ``label_colours``; the nodata label is the raster's nodata, so QGIS draws it transparent."""
-    entries = "\n".join(
-        f'        <paletteEntry value="{label}" color="#{red:02x}{green:02x}{blue:02x}" alpha="{alpha}" '
-        f'label="segment {label}"/>'
-        for label, (red, green, blue, alpha) in label_colours(k, nodata_label).items()
-        if label != nodata_label
-    )
-    return f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.22" styleCategories="Symbology">
-  <pipe>
-    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" nodataColor="">
-      <rasterTransparency/>
-      <colorPalette>
-{entries}
-      </colorPalette>
-    </rasterrenderer>
-    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
-    <huesaturation saturation="0" colorizeOn="0" grayscaleMode="0" colorizeStrength="100"/>
-    <rasterresampler maxOversampling="2"/>
-  </pipe>
-  <blendMode>0</blendMode>
-</qgis>
-"""
-
-
-def style_path(output: str | Path) -> Path:
-    """Where QGIS looks for a raster's default style: the same name with ``.qml``."""
-    return Path(output).with_suffix(".qml")
-
-
-def overview_factors(width: int, height: int) -> list[int]:
-    """Decimation factors 2, 4, 8, ... while the overview's longer side stays at least ``OVERVIEW_MIN_SIDE``."""
-    factors, factor = [], 2
-    while math.ceil(max(width, height) / factor) >= OVERVIEW_MIN_SIDE:
-        factors.append(factor)
-        factor *= 2
-    return factors
-
-
-def label_tags(meta: dict[str, Any], k: int, nodata_label: int, rule: PixelRule) -> dict[str, str]:
-    """Metadata tags of a label raster: which model (config hash, code and data versions) made it, with what K."""
-    lineage = meta.get("lineage", {})
-    tags = {
-        "K": str(k),
-        "NODATA_LABEL": str(nodata_label),
-        "RUNTIME_VERSION": RUNTIME_VERSION,
-        "CONFIG_HASH": str(lineage.get("config_hash", "")),
-        "CODE_VERSION": str(lineage.get("code_version", "")),
-        "DATA_VERSIONS": json.dumps(lineage.get("data_versions", {}), sort_keys=True),
-        "INPUT_RULE": json.dumps(rule.to_dict(), sort_keys=True),
-    }
-    return {f"{TAG_PREFIX}{key}": value for key, value in tags.items()}
