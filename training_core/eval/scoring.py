@@ -73,7 +73,7 @@ from training_core.metrics import (
     view_consistency,
 )
 from training_core.model import SegmentationModel
-from training_core.shards import iter_split_items, read_manifest
+from training_core.shards.index import iter_split_items, read_manifest
 
 MAX_FIT_PIXELS = 65_536  # pixels sampled (on a lattice) to fit the k-means-on-RGB centres
 MODEL, UNTRAINED, BASELINE, CONSTANT = "model", "untrained_model", "kmeans_rgb", "constant"
