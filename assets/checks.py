@@ -21,14 +21,8 @@ from training_core.datasets.built import built_header
 from training_core.datasets.discovery import DatasetItem, discover_items
 from training_core.datasets.scan import validate_dataset
 from training_core.datasets.schema import load_header
-from training_core.shards import (
-    IndexEntry,
-    entries_by_source,
-    read_index,
-    shard_dirs,
-    source_problems,
-    tile_problems,
-)
+from training_core.shards.index import IndexEntry, read_index, shard_dirs
+from training_core.shards.verify import entries_by_source, source_problems, tile_problems
 from training_core.splits import SPLITS, assign_splits, expected_split_counts, read_pinned_splits
 
 CheckEvent = dg.AssetCheckEvaluation | dg.Output

@@ -18,7 +18,8 @@ from assets.resources import ProjectPaths, exclusive_lock
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_VERSION, dump_header, header_hash, header_to_yaml
-from training_core.shards import LAYOUT_VERSION, build_shards
+from training_core.shards.index import LAYOUT_VERSION
+from training_core.shards.write import build_shards
 
 DATASETS = dg.DynamicPartitionsDefinition(name="datasets")
 DATA_PLANE_GROUP = "data_plane"

@@ -29,7 +29,7 @@ from training_core.eval import (
     render_comparison,
     verdicts,
 )
-from training_core.shards import read_manifest
+from training_core.shards.index import read_manifest
 
 EVALUATION_GROUP = "evaluation"
 # Bump when the same checkpoint and shards would score differently (v2: verdicts need the decision margin).

@@ -24,7 +24,7 @@ from assets.retries import fails_once_on_user_error
 from runtime_export.errors import DatasetError
 from training_core.checkpoint import load_checkpoint, load_latest_checkpoint, step_checkpoint_name
 from training_core.config import TrainConfig
-from training_core.shards import read_manifest
+from training_core.shards.index import read_manifest
 from training_core.train import LOSS_PARTS, progress_line, train, weight_shaping_config
 
 TRAINING_GROUP = "training"

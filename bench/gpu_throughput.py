@@ -55,7 +55,7 @@ from training_core.data import build_loader, set_loader_epoch
 from training_core.data.synthetic import synthetic_tile
 from training_core.device import DevicePolicy, device_policy
 from training_core.model import SegmentationModel
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 from training_core.train import LOSS_PARTS, StepPlan, device_inputs, plan_step, step_losses, view_generator
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ import rasterio
 
 from training_core.data.sharded import ShardDataset
 from training_core.datasets.discovery import discover_datasets
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 from training_core.splits import SPLITS
 
 EXTRACTED = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"

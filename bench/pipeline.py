@@ -93,7 +93,9 @@ def direct_stages(work_root: Path) -> dict[str, float]:
     from training_core.eval import BASELINE, MODEL, dataset_label_space, evaluate_checkpoint, render_comparison
     from training_core.export import export_artifact
     from training_core.parity import runtime_parity
-    from training_core.shards import build_shards, iter_split_items, read_manifest, verify_shards
+    from training_core.shards.index import iter_split_items, read_manifest
+    from training_core.shards.verify import verify_shards
+    from training_core.shards.write import build_shards
     from training_core.train import train
 
     headers_root, processed_root = work_root / "headers", work_root / "processed"

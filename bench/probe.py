@@ -42,7 +42,7 @@ from training_core.eval import (
 )
 from training_core.metrics import confusion_matrix, mapped_scores
 from training_core.model import SegmentationModel, colour_projection
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"
 MIN_LABELED_SHARE = 0.5  # a cell trains the probe when at least half its pixels carry a label

@@ -38,7 +38,7 @@ from training_core.config import TrainConfig, load_config
 from training_core.datasets.discovery import discover_datasets
 from training_core.eval import BASELINE, CONSTANT, MODEL, dataset_label_space, evaluate_checkpoint
 from training_core.export import export_artifact, input_rules_of
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 from training_core.train import train
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample_data" / "extracted"

@@ -53,7 +53,7 @@ work, dataset_id, stage, steps, k = Path(sys.argv[1]), sys.argv[2], sys.argv[3],
 extracted, processed = work / "extracted", work / "processed"
 started = time.perf_counter()
 if stage == "shards":
-    from training_core.shards import build_shards
+    from training_core.shards.write import build_shards
     build_shards(extracted, processed, dataset_id, overwrite=True)
 elif stage == "train":
     from training_core.config import TrainConfig

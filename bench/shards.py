@@ -28,7 +28,7 @@ from pathlib import Path
 import rasterio
 
 from training_core.datasets.scan import INPUT_FOLDER, TARGET_FOLDER, default_workers
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "extracted" / "kampala_buildings"
 

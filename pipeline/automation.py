@@ -16,7 +16,7 @@ from assets.resources import ProjectPaths
 from pipeline.jobs import refresh_dataset
 from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import dataset_content_hash, discover_datasets
-from training_core.shards import read_manifest
+from training_core.shards.index import read_manifest
 
 
 @dg.sensor(job=refresh_dataset, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.STOPPED)

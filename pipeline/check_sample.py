@@ -21,7 +21,7 @@ from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.numpy_runtime.runtime import META_FILENAME, load_runtime_model
 from runtime_export.rasters import read_item
 from training_core.datasets.discovery import dataset_content_hash
-from training_core.shards import MANIFEST_FILENAME
+from training_core.shards.index import MANIFEST_FILENAME
 
 UPSTREAM_RUNS = ("evaluation", "training", "shards", "header")
 

@@ -21,7 +21,9 @@ from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import dump_header, header_from_dict, header_to_yaml, load_header
 from training_core.eval import evaluate_checkpoint
 from training_core.export import export_artifact, input_rules_of
-from training_core.shards import build_shards, iter_split_items, verify_shards
+from training_core.shards.index import iter_split_items
+from training_core.shards.verify import verify_shards
+from training_core.shards.write import build_shards
 from training_core.splits import SPLITS
 from training_core.train import train
 

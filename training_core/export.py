@@ -49,7 +49,7 @@ from training_core.data.synthetic import synthetic_tile
 from training_core.datasets.built import built_header
 from training_core.model import SegmentationModel, smoothing_kernel
 from training_core.parity import runtime_parity
-from training_core.shards import iter_split_items
+from training_core.shards.index import iter_split_items
 from training_core.splits import SPLITS
 
 PARITY_KS = (2, 8, 16)

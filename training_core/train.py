@@ -72,7 +72,7 @@ from training_core.distributed import (
 from training_core.eval import EVAL_SPLIT, MODEL, dataset_label_space, evaluate_model
 from training_core.losses import AllReduce, two_view_losses
 from training_core.model import SegmentationModel
-from training_core.shards import read_manifest
+from training_core.shards.index import read_manifest
 
 PROG = "python -m training_core.train"
 LOG_NAME = "train_log.jsonl"

@@ -13,7 +13,8 @@ from assets.training import trained_model
 from training_core.datasets.discovery import dataset_content_hash
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict, load_header
-from training_core.shards import INDEX_FILENAME, build_shards, shard_dirs
+from training_core.shards.index import INDEX_FILENAME, shard_dirs
+from training_core.shards.write import build_shards
 
 DATA_PLANE_CHECKS = [
     checks.header_matches_files,

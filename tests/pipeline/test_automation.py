@@ -15,7 +15,7 @@ from assets.resources import ProjectPaths, TrainingDevice
 from pipeline.automation import nightly_shard_rebuild, raw_dataset_sensor
 from pipeline.jobs import refresh_dataset
 from tests.assets.conftest import copy_datasets, make_paths
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 DATASET_IDS = ["new_brunswick_landcover", "quebec_buildings"]
 

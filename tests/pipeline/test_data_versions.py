@@ -17,7 +17,7 @@ from assets.resources import ProjectPaths, TrainingDevice
 from pipeline.jobs import build_shards_job, observe_raw_datasets, train_cpu
 from tests.assets.conftest import copy_datasets, make_paths
 from tests.pipeline.test_automation import change_one_pixel
-from training_core.shards import MANIFEST_FILENAME
+from training_core.shards.index import MANIFEST_FILENAME
 
 DATASET_IDS = ["quebec_buildings", "unlabeled_scenes"]
 RANGE = {"dagster/asset_partition_range_start": DATASET_IDS[0], "dagster/asset_partition_range_end": DATASET_IDS[-1]}

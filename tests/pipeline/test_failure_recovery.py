@@ -13,7 +13,7 @@ import pytest
 from assets.datasets import DATASETS
 from assets.training import trained_model
 from tests.assets.conftest import copy_datasets
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 TINY_TRAINING = {
     "device": "cpu",

@@ -24,7 +24,9 @@ from rasterio.enums import ColorInterp
 from tests.reliability.harness import Untouched, assert_refused, run_module
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME
-from training_core.shards import INDEX_FILENAME, MANIFEST_FILENAME, build_shards, shard_dirs, verify_shards
+from training_core.shards.index import INDEX_FILENAME, MANIFEST_FILENAME, shard_dirs
+from training_core.shards.verify import verify_shards
+from training_core.shards.write import build_shards
 
 HEADERS, SHARDS, TRAIN = "training_core.headers", "training_core.shards", "training_core.train"
 SECRET = "top-secret-line: not the dataset's"  # what every file outside the dataset holds

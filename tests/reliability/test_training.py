@@ -23,7 +23,7 @@ import pytest
 from tests.reliability.harness import REPO, Outcome, Untouched, assert_refused, hidden_entries, run_module
 from training_core.checkpoint import LAST_NAME, load_checkpoint, step_checkpoint_name
 from training_core.config import load_config
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 from training_core.train import train
 
 TRAIN, EVAL = "training_core.train", "training_core.eval"

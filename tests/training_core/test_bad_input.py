@@ -23,7 +23,9 @@ from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header, scan_dataset
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
 from training_core.headers import main as headers_main
-from training_core.shards import INDEX_FILENAME, build_shards, read_index, shard_dirs, verify_shards
+from training_core.shards.index import INDEX_FILENAME, read_index, shard_dirs
+from training_core.shards.verify import verify_shards
+from training_core.shards.write import build_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -190,9 +192,9 @@ def test_index_symlink_leaving_the_shard(built, tmp_path: Path) -> None:
 
 KILL_MIDWAY = """
 import os, signal, sys
-from training_core.shards import write as shards
+from training_core.shards import write
 
-real_write_item, written = shards._write_item, []
+real_write_item, written = write._write_item, []
 
 def write_then_die(task, **kwargs):
     if len(written) == 20:
@@ -200,8 +202,8 @@ def write_then_die(task, **kwargs):
     written.append(task)
     return real_write_item(task, **kwargs)
 
-shards._write_item = write_then_die
-shards.build_shards(sys.argv[1], sys.argv[2], "kampala_buildings", seed=5, overwrite=True, workers=1)
+write._write_item = write_then_die
+write.build_shards(sys.argv[1], sys.argv[2], "kampala_buildings", seed=5, overwrite=True, workers=1)
 """
 
 

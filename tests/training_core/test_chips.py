@@ -22,18 +22,17 @@ from runtime_export.rasters import has_mask_band
 from training_core.datasets.discovery import discover_items
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict, load_header
-from training_core.shards import (
+from training_core.shards.index import (
     INDEX_FILENAME,
     IndexEntry,
-    build_shards,
-    chip_windows,
-    entries_by_source,
     iter_split_items,
     read_index,
     read_manifest,
     shard_dirs,
-    verify_shards,
 )
+from training_core.shards.plan import chip_windows
+from training_core.shards.verify import entries_by_source, verify_shards
+from training_core.shards.write import build_shards
 from training_core.splits import SPLITS, assign_splits
 
 CHIP = 256
@@ -348,7 +347,7 @@ def test_chip_size_is_at_least_64_and_a_multiple_of_16(chip_size: int, ok: bool)
 
 PROBE = """
 import json, resource, sys
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 report = build_shards(sys.argv[1], sys.argv[2], "ortho", workers=1)

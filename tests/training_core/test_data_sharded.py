@@ -17,7 +17,8 @@ from training_core.config import DataConfig
 from training_core.data import build_loader, set_loader_epoch, unit_float
 from training_core.data.sharded import ShardDataset, ShardItem, assign_items
 from training_core.datasets.discovery import discover_datasets
-from training_core.shards import build_shards, iter_split_items
+from training_core.shards.index import iter_split_items
+from training_core.shards.write import build_shards
 
 EXTRACTED = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
 

@@ -35,7 +35,7 @@ from training_core.eval import (
     verdicts,
 )
 from training_core.model import SegmentationModel
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 SAMPLE_ROOT = Path(__file__).resolve().parents[2] / "sample_data" / "extracted"
 

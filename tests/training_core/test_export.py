@@ -34,7 +34,7 @@ from training_core.export import (
     training_data_of,
 )
 from training_core.parity import model_parity, runtime_parity
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 from ..runtime_export.conftest import QUEBEC_RULE
 

@@ -16,7 +16,8 @@ from runtime_export.numpy_runtime.runtime import load_runtime_model
 from training_core import export as export_module
 from training_core.checkpoint import LAST_NAME, load_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
-from training_core.shards import build_shards, read_manifest
+from training_core.shards.index import read_manifest
+from training_core.shards.write import build_shards
 from training_core.train import train
 
 REPO = Path(__file__).resolve().parents[2]

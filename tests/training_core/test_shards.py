@@ -15,17 +15,17 @@ import rasterio
 from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_hash
-from training_core.shards import (
+from training_core.shards.__main__ import main
+from training_core.shards.index import (
     INDEX_FILENAME,
     MANIFEST_FILENAME,
-    build_shards,
     iter_split_items,
-    main,
     read_index,
     read_manifest,
     shard_dirs,
-    verify_shards,
 )
+from training_core.shards.verify import verify_shards
+from training_core.shards.write import build_shards
 from training_core.splits import SPLITS
 
 KAMPALA = "kampala_buildings"

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from training_core.checkpoint import LAST_NAME, load_checkpoint
 from training_core.config import DataConfig, ModelConfig, TrainConfig
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 from training_core.train import LOSS_PARTS, train
 
 REPO = Path(__file__).resolve().parents[2]

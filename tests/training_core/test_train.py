@@ -209,7 +209,7 @@ def test_sigterm_saves_and_exits_then_resume_finishes(tmp_path: Path) -> None:
 
 def test_shards_of_several_datasets_train_and_resume_exactly(tmp_path: Path) -> None:
     """source=shards over two datasets' train splits (an iterable dataset: a resume replays its batches)."""
-    from training_core.shards import build_shards
+    from training_core.shards.write import build_shards
 
     extracted = REPO / "sample_data" / "extracted"
     processed = tmp_path / "processed"
@@ -344,7 +344,7 @@ def test_resume_override_of_the_architecture_is_refused(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def kampala_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training_core.shards import build_shards
+    from training_core.shards.write import build_shards
 
     processed = tmp_path_factory.mktemp("processed")
     build_shards(REPO / "sample_data" / "extracted", processed, "kampala_buildings")

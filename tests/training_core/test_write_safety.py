@@ -20,7 +20,7 @@ from runtime_export.errors import DatasetError
 from training_core.datasets.discovery import dataset_content_hash
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header
-from training_core.shards import build_shards
+from training_core.shards.write import build_shards
 
 REPO = Path(__file__).resolve().parents[2]
 KAMPALA = "kampala_buildings"
@@ -60,7 +60,7 @@ def test_shard_build_on_a_full_disk_keeps_the_previous_build(kampala_copy: Path,
     argv = ["shards", "--extracted-root", str(kampala_copy), "--processed-root", str(processed)]
     argv += ["--seed", "7", "--overwrite", "--workers", "1"]
     # An uncompressed 256x256 RGB tile is 196 kB: the first tile write fails.
-    result = run_limited("from training_core.shards import main; sys.exit(main())", argv, limit=100_000)
+    result = run_limited("from training_core.shards.__main__ import main; sys.exit(main())", argv, limit=100_000)
     assert result.returncode == 2
     # libtiff prints its own "File too large" lines; the project's message is the one `error:` line.
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("segpipe-shards: error: ")]

@@ -1,4 +1,4 @@
-"""``ShardDataset``: an IterableDataset over processed shards (layout: ``training_core/shards.py``).
+"""``ShardDataset``: an IterableDataset over processed shards (layout: ``training_core/shards/__init__.py``).
 
 Partitioning. Every DataLoader worker of every DDP rank has a global worker id
 ``rank * num_workers + worker_id`` out of ``world_size * num_workers``. With at least as many shards
@@ -35,7 +35,7 @@ from runtime_export.numpy_runtime.pixels import PixelRule
 from runtime_export.rasters import Tile, read_item
 from training_core.data.patches import crop_sample, pad_tile, patch_window
 from training_core.datasets.built import built_header
-from training_core.shards import MANIFEST_FILENAME, iter_split_items, read_manifest
+from training_core.shards.index import MANIFEST_FILENAME, iter_split_items, read_manifest
 
 
 @dataclass(frozen=True)

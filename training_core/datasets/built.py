@@ -1,4 +1,4 @@
-"""A built dataset's header: the copy ``training_core.shards`` writes beside the shards it builds.
+"""A built dataset's header: the copy ``training_core.shards.write`` writes beside the shards it builds.
 
 Readers of a processed dataset (training, evaluation, export, the data-plane checks) take the pixel rule and
 targets from this copy, the header the shards were built under, not from the committed header under the
