@@ -19,16 +19,9 @@ from assets.training import trained_model
 from runtime_export.atomic import atomic_write_text
 from runtime_export.errors import DatasetError
 from training_core.datasets.built import built_header
-from training_core.eval import (
-    BASELINE,
-    MODEL,
-    UNTRAINED,
-    EvalReport,
-    dataset_label_space,
-    evaluate_checkpoint,
-    render_comparison,
-    verdicts,
-)
+from training_core.eval.picture import render_comparison
+from training_core.eval.report import BASELINE, MODEL, UNTRAINED, EvalReport, verdicts
+from training_core.eval.scoring import dataset_label_space, evaluate_checkpoint
 from training_core.shards.index import read_manifest
 
 EVALUATION_GROUP = "evaluation"
@@ -99,7 +92,7 @@ def iou_evaluation(
 @dg.asset_check(asset=iou_evaluation)
 def model_beats_baseline(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
     """The model's mean val mIoU is above the k-means-on-RGB baseline's by more than the decision margin
-    (``training_core.eval.DECISION_MARGIN``; a warning: quality, not bad data)."""
+    (``training_core.eval.report.DECISION_MARGIN``; a warning: quality, not bad data)."""
     evaluation = latest_evaluation(context.instance, context.op_execution_context.run_id)
     model, baseline = evaluation.val_miou, evaluation.baseline_val_miou
     difference, margin = evaluation.model_minus_baseline, evaluation.decision_margin
@@ -134,7 +127,7 @@ def labeled_datasets(instance: dg.DagsterInstance, processed_root: str) -> list[
 def evaluation_summary(reports: dict[str, EvalReport], checkpoint: str, checkpoint_sha256: str) -> dict[str, Any]:
     """Metrics the export records and promotion compares: means over datasets of the val mIoU, each score
     rounded to ``DECIMALS`` (the full-precision reports are kept beside them), and the verdicts on those means
-    (``training_core.eval.verdicts``: a lead of more than the decision margin, with the difference)."""
+    (``training_core.eval.report.verdicts``: a lead of more than the decision margin, with the difference)."""
     per_dataset = {dataset_id: report.to_dict() for dataset_id, report in reports.items()}
     model = _rounded(mean_or_none([report.miou(MODEL) for report in reports.values()]))
     baseline = _rounded(mean_or_none([report.miou(BASELINE) for report in reports.values()]))

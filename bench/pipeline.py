@@ -90,7 +90,9 @@ def direct_stages(work_root: Path) -> dict[str, float]:
     from training_core.datasets.discovery import discover_datasets
     from training_core.datasets.scan import extract_header, validate_dataset
     from training_core.datasets.schema import HEADER_FILENAME, dump_header
-    from training_core.eval import BASELINE, MODEL, dataset_label_space, evaluate_checkpoint, render_comparison
+    from training_core.eval.picture import render_comparison
+    from training_core.eval.report import BASELINE, MODEL
+    from training_core.eval.scoring import dataset_label_space, evaluate_checkpoint
     from training_core.export import export_artifact
     from training_core.parity import runtime_parity
     from training_core.shards.index import iter_split_items, read_manifest

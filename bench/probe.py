@@ -30,16 +30,9 @@ import torch.nn.functional as F
 from training_core.checkpoint import model_from_checkpoint
 from training_core.config import STRIDE, TrainConfig
 from training_core.datasets.discovery import discover_datasets
-from training_core.eval import (
-    BASELINE,
-    EVAL_SPLIT,
-    FIT_SPLIT,
-    MODEL,
-    LabeledTile,
-    SplitTiles,
-    dataset_label_space,
-    evaluate_model,
-)
+from training_core.eval.report import BASELINE, MODEL
+from training_core.eval.scoring import EVAL_SPLIT, FIT_SPLIT, dataset_label_space, evaluate_model
+from training_core.eval.tiles import LabeledTile, SplitTiles
 from training_core.metrics import confusion_matrix, mapped_scores
 from training_core.model import SegmentationModel, colour_projection
 from training_core.shards.write import build_shards

@@ -36,7 +36,8 @@ import torch
 from training_core.checkpoint import latest_checkpoint
 from training_core.config import TrainConfig, load_config
 from training_core.datasets.discovery import discover_datasets
-from training_core.eval import BASELINE, CONSTANT, MODEL, dataset_label_space, evaluate_checkpoint
+from training_core.eval.report import BASELINE, CONSTANT, MODEL
+from training_core.eval.scoring import dataset_label_space, evaluate_checkpoint
 from training_core.export import export_artifact, input_rules_of
 from training_core.shards.write import build_shards
 from training_core.train import train

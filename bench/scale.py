@@ -64,7 +64,7 @@ elif stage == "train":
     })
     train(config, work / f"ckpt-{dataset_id}", resume=False)
 elif stage == "eval":
-    from training_core.eval import evaluate_checkpoint
+    from training_core.eval.scoring import evaluate_checkpoint
     evaluate_checkpoint(work / f"ckpt-{dataset_id}" / "last.pt", processed, dataset_id)
 elif stage == "segment":
     from training_core.export import export_artifact

@@ -102,7 +102,7 @@ def test_each_rule_catches_a_planted_import() -> None:
         "runtime_export/artifact.py": "import torch\n",
         "runtime_export/cli.py": "import dagster as dg\n",
         "training_core/export.py": "from assets.export import runtime_artifact\n",
-        "training_core/eval.py": "import dagster\n",
+        "training_core/eval/scoring.py": "import dagster\n",
         "runtime_export/numpy_runtime/runtime.py": "import rasterio\n",
         "runtime_export/numpy_runtime/pixels.py": "from ..rasters import open_raster\n",
         "assets/export.py": "from dagster._core.events import DagsterEventType\n",

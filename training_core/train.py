@@ -69,7 +69,8 @@ from training_core.distributed import (
     start_process_group,
     stop_process_group,
 )
-from training_core.eval import EVAL_SPLIT, MODEL, dataset_label_space, evaluate_model
+from training_core.eval.report import MODEL
+from training_core.eval.scoring import EVAL_SPLIT, dataset_label_space, evaluate_model
 from training_core.losses import AllReduce, two_view_losses
 from training_core.model import SegmentationModel
 from training_core.shards.index import read_manifest

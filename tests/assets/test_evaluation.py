@@ -12,7 +12,7 @@ from assets.training import trained_model
 from runtime_export.errors import DatasetError
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, header_from_dict
-from training_core.eval import BASELINE, DECISION_MARGIN, MODEL, UNTRAINED, EvalReport, MethodReport
+from training_core.eval.report import BASELINE, DECISION_MARGIN, MODEL, UNTRAINED, EvalReport, MethodReport
 from training_core.metrics import Scores
 
 TINY = {"device": "cpu", "steps": 2, "checkpoint_every": 2, "model": {"embed_dim": 8, "max_k": 4}}

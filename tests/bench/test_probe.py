@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from training_core.eval import LabeledTile
+from training_core.eval.tiles import LabeledTile
 
 _SPEC = importlib.util.spec_from_file_location("bench_probe", Path(__file__).parents[2] / "bench" / "probe.py")
 probe = importlib.util.module_from_spec(_SPEC)

@@ -14,26 +14,12 @@ from affine import Affine
 from runtime_export.numpy_runtime.pixels import PixelRule
 from training_core.checkpoint import save_checkpoint
 from training_core.config import ModelConfig, TrainConfig
-from training_core.eval import (
-    BASELINE,
-    CONSTANT,
-    DECISION_MARGIN,
-    MODEL,
-    UNTRAINED,
-    KMeansRGB,
-    LabeledTile,
-    RuntimeMethod,
-    SplitTiles,
-    evaluate_checkpoint,
-    evaluate_model,
-    evaluate_synthetic,
-    evaluate_tiles,
-    main,
-    read_tile,
-    render_comparison,
-    runtime_of,
-    verdicts,
-)
+from training_core.eval.__main__ import main
+from training_core.eval.methods import KMeansRGB, RuntimeMethod, runtime_of
+from training_core.eval.picture import render_comparison
+from training_core.eval.report import BASELINE, CONSTANT, DECISION_MARGIN, MODEL, UNTRAINED, verdicts
+from training_core.eval.scoring import evaluate_checkpoint, evaluate_model, evaluate_synthetic, evaluate_tiles
+from training_core.eval.tiles import LabeledTile, SplitTiles, read_tile
 from training_core.model import SegmentationModel
 from training_core.shards.write import build_shards
 

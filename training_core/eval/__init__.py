@@ -1,54 +1,41 @@
-"""Interim (issue 25.2, step 1): ``training_core/eval.py`` renamed to ``scoring.py`` alone, so history follows;
-these re-exports go with the split into modules in the next commit."""
+"""Evaluation: score a model's clusters against labels, beside the controls a user needs to read them.
 
-from training_core.eval.scoring import (
-    BASELINE,
-    CONSTANT,
-    DECISION_MARGIN,
-    EVAL_SPLIT,
-    FIT_SPLIT,
-    MODEL,
-    UNTRAINED,
-    EvalReport,
-    KMeansRGB,
-    LabeledTile,
-    MethodReport,
-    RuntimeMethod,
-    SplitTiles,
-    dataset_label_space,
-    evaluate_checkpoint,
-    evaluate_model,
-    evaluate_synthetic,
-    evaluate_tiles,
-    main,
-    read_tile,
-    render_comparison,
-    runtime_of,
-    verdicts,
-)
+Methods, each fitting one set of cluster centres per dataset from pixels alone, then labelling every tile:
 
-__all__ = [
-    "BASELINE",
-    "CONSTANT",
-    "DECISION_MARGIN",
-    "EVAL_SPLIT",
-    "FIT_SPLIT",
-    "MODEL",
-    "UNTRAINED",
-    "EvalReport",
-    "KMeansRGB",
-    "LabeledTile",
-    "MethodReport",
-    "RuntimeMethod",
-    "SplitTiles",
-    "dataset_label_space",
-    "evaluate_checkpoint",
-    "evaluate_model",
-    "evaluate_synthetic",
-    "evaluate_tiles",
-    "main",
-    "read_tile",
-    "render_comparison",
-    "runtime_of",
-    "verdicts",
-]
+- ``model``: the trained model, run by the numpy runtime exactly as ``runtime_export.segment`` runs it
+  (invalid pixels filled with the mean colour, tiles padded to the stride, one lattice sample of cells
+  over all the dataset's tiles: ``runtime_export.numpy_runtime.prototypes``), so the score describes what a user gets;
+- ``untrained_model``: the same architecture with the weights training starts from (same seed), the same
+  inference: does training help on this data?
+- ``kmeans_rgb``: k-means on the pixels' colours;
+- ``constant``: every pixel in one cluster, what an imbalanced label set gives for nothing.
+
+Labels are only used here. The cluster-to-class mapping is fitted on ``metrics_train`` and scored on
+``val`` (a dataset whose ``metrics_train`` holds no labeled pixel fits on ``val``, and the report says so),
+at K = number of classes (Hungarian one-to-one and majority) and at K = 8 (majority, many-to-one).
+
+Streaming: pass 1 reads every tile once and keeps only the fit samples (lattice cells, lattice pixels);
+pass 2 reads every tile again and accumulates confusion matrices. One tile is in memory at a time.
+
+CLI::
+
+    python -m training_core.eval --synthetic --seed 7
+    python -m training_core.eval --data-source shards --processed-root DIR --dataset-id ID --checkpoint PATH
+
+prints the JSON report and writes it to ``--output``; a user error (a K outside the model's range, a missing
+or damaged checkpoint or dataset, an unwritable output) is one line on stderr, exit 2.
+
+Verdicts (``training_helped``, ``model_beats_baseline``) need a lead of more than ``DECISION_MARGIN``: the
+report gives each difference beside the margin, so a near tie reads as one.
+
+One job a module:
+
+- ``report``: the report types (``EvalReport``, ``MethodReport``, ``Sample``), the methods' names and the
+  verdicts (``DECISION_MARGIN``, ``verdicts``);
+- ``methods``: the methods scored (the model's runtime, its untrained twin, k-means on RGB, the constant);
+- ``tiles``: the labeled tiles, read through the raster layer (``read_tile``, ``SplitTiles``);
+- ``scoring``: confusions and Hungarian/majority scores over a dataset (``evaluate_tiles``, ``evaluate_model``,
+  ``evaluate_checkpoint``, ``evaluate_synthetic``);
+- ``picture``: the comparison picture (``render_comparison``);
+- ``__main__``: the CLI (``python -m training_core.eval``, ``segpipe-eval``).
+"""
