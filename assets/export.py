@@ -29,7 +29,8 @@ from assets.resources import ProjectPaths
 from assets.training import trained_model
 from runtime_export.artifact import promote_if_better
 from runtime_export.numpy_runtime.runtime import META_FILENAME, MODEL_FILENAME, RUNTIME_VERSION
-from training_core.export import PARITY_KS, export_artifact, input_rules_of, parity_tiles, training_data_of
+from training_core.export import PARITY_KS, export_artifact
+from training_core.export_datasets import input_rules_of, parity_tiles, training_data_of
 from training_core.parity import runtime_parity
 
 EXPORT_GROUP = "export"
@@ -117,7 +118,8 @@ def best_model(context: dg.AssetExecutionContext, paths: ProjectPaths) -> dg.Mat
 @dg.asset_check(asset=runtime_artifact, blocking=True)
 def runtime_matches_torch(context: dg.AssetCheckExecutionContext, paths: ProjectPaths) -> dg.AssetCheckResult:
     """The numpy runtime reproduces the torch model on real sample tiles (the bounds of ``training_core.parity``):
-    the tiles and Ks the export CLI checks too (``training_core.export.parity_tiles``, ``PARITY_KS``)."""
+    the tiles and Ks the export CLI checks too (``training_core.export_datasets.parity_tiles``,
+    ``training_core.export.PARITY_KS``)."""
     artifact = latest_artifact(context.instance, context.op_execution_context.run_id)
     tiles = parity_tiles(paths.processed_root, artifact.datasets)
     report = runtime_parity(artifact.artifact_dir, artifact.checkpoint_path, tiles, PARITY_KS)

@@ -38,7 +38,8 @@ from training_core.config import TrainConfig, load_config
 from training_core.datasets.discovery import discover_datasets
 from training_core.eval.report import BASELINE, CONSTANT, MODEL
 from training_core.eval.scoring import dataset_label_space, evaluate_checkpoint
-from training_core.export import export_artifact, input_rules_of
+from training_core.export import export_artifact
+from training_core.export_datasets import input_rules_of
 from training_core.shards.write import build_shards
 from training_core.train import train
 

@@ -63,8 +63,9 @@ def runtime_meta(
     training_data: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``meta.json``: what the runtime needs to run the arrays, plus what the model was trained for and where it
-    came from. ``k_range``, ``ground_resolution_m`` and ``training_data`` (``training_core.export.training_data_of``)
-    are for the user (a QGIS plugin can show them); the runtime ignores them, so they need no new runtime version."""
+    came from. ``k_range``, ``ground_resolution_m`` and ``training_data``
+    (``training_core.export_datasets.training_data_of``) are for the user (a QGIS plugin can show them); the runtime
+    ignores them, so they need no new runtime version."""
     model = config.model
     training_data = {dataset_id: dict(entry) for dataset_id, entry in sorted((training_data or {}).items())}
     return {

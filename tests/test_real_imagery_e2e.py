@@ -20,7 +20,8 @@ from training_core.config import DataConfig, ModelConfig, TrainConfig
 from training_core.datasets.scan import extract_header
 from training_core.datasets.schema import dump_header, header_from_dict, header_to_yaml, load_header
 from training_core.eval.scoring import evaluate_checkpoint
-from training_core.export import export_artifact, input_rules_of
+from training_core.export import export_artifact
+from training_core.export_datasets import input_rules_of
 from training_core.shards.index import iter_split_items
 from training_core.shards.verify import verify_shards
 from training_core.shards.write import build_shards

@@ -1,9 +1,10 @@
 """Torch -> numpy export: a checkpoint becomes an artifact directory the numpy runtime loads.
 
 The torch side of the artifact: a trained model's arrays (batch norm folded into the convs), the checkpoint's
-lineage, the datasets' input rules, and the parity check that gates publishing. The format, ``meta.json`` and
-the atomic writer (written aside, swapped into place, what a killed export left reclaimed) are
-``runtime_export.artifact``, which needs no torch.
+lineage, the datasets' input rules, and the parity check that gates publishing. What is read of the built
+datasets (input rules, training data, parity tiles) is ``training_core.export_datasets``. The format,
+``meta.json`` and the atomic writer (written aside, swapped into place, what a killed export left reclaimed)
+are ``runtime_export.artifact``, which needs no torch.
 
 CLI (any training checkpoint, e.g. one trained with ``torchrun`` outside Dagster)::
 
@@ -20,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rasterio.windows import Window
 from torch import nn
 
 from runtime_export.artifact import (
@@ -39,22 +39,16 @@ from runtime_export.artifact import (
     write_artifact,
 )
 from runtime_export.cli import run_cli
-from runtime_export.errors import DatasetError
 from runtime_export.numpy_runtime.runtime import expected_array_shapes
-from runtime_export.rasters import open_raster, read_item
 from training_core.checkpoint import load_checkpoint, model_from_checkpoint
 from training_core.config import TrainConfig
 from training_core.data.sharded import processed_dataset_ids
 from training_core.data.synthetic import synthetic_tile
-from training_core.datasets.built import built_header
+from training_core.export_datasets import PARITY_TILE_SIZE, PARITY_TILES, input_rules_of, parity_tiles, training_data_of
 from training_core.model import SegmentationModel, smoothing_kernel
 from training_core.parity import runtime_parity
-from training_core.shards.index import iter_split_items
-from training_core.splits import SPLITS
 
 PARITY_KS = (2, 8, 16)
-PARITY_TILES = 2
-PARITY_TILE_SIZE = 256  # a crop keeps the check to seconds on big tiles
 PROG = "python -m training_core.export"
 
 
@@ -95,47 +89,6 @@ def _fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[np.ndarray, n
 
 def _f32(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy().astype(np.float32))
-
-
-def input_rules_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``meta.json``'s ``input_rules`` for built datasets: ``{id: {"dtype": ..., **PixelRule.to_dict()}}``.
-
-    Each rule is the one the shards were built and read with (``<processed_root>/<id>/dataset_header.yaml``);
-    a header that does not declare its input dtype takes it from the first built input tile.
-    """
-    rules: dict[str, dict[str, Any]] = {}
-    for dataset_id in sorted(set(dataset_ids)):
-        header = built_header(processed_root, dataset_id)
-        dtype = header.input.dtype or _built_input_dtype(processed_root, dataset_id)
-        rules[dataset_id] = {"dtype": dtype, **header.pixel_rule.to_dict()}
-    return rules
-
-
-def training_data_of(processed_root: str | Path, dataset_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """``meta.json``'s ``training_data`` for built datasets: ``{id: {"licence", "ground_resolution_m", "crs"}}``
-    from each dataset's header (``<processed_root>/<id>/dataset_header.yaml``); null where the header has none.
-
-    What a user needs to judge whether their imagery is like the training data and how they may use the model;
-    the same dataset's bands and scaling are its ``input_rules`` entry.
-    """
-    data: dict[str, dict[str, Any]] = {}
-    for dataset_id in sorted(set(dataset_ids)):
-        header = built_header(processed_root, dataset_id)
-        resolution = header.input.ground_resolution_m
-        data[dataset_id] = {
-            "licence": header.licence,
-            "ground_resolution_m": None if resolution is None else list(resolution),
-            "crs": header.input.crs,
-        }
-    return data
-
-
-def _built_input_dtype(processed_root: str | Path, dataset_id: str) -> str:
-    for split in SPLITS:
-        for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-            with open_raster(shard_dir / entry.input) as src:
-                return src.dtypes[0]
-    raise DatasetError(f"{Path(processed_root) / dataset_id}: no built input tile to read the input dtype from")
 
 
 def export_model(
@@ -188,26 +141,6 @@ def check_finite_weights(model: SegmentationModel, checkpoint_path: str | Path) 
             f"checkpoint {checkpoint_path}: weight {bad[0]!r}{more} holds NaN or infinity (did training diverge?): "
             "nothing exported"
         )
-
-
-def parity_tiles(processed_root: str | Path, dataset_ids: Iterable[str]) -> list[np.ndarray]:
-    """Up to ``PARITY_TILES`` model-pixel tiles (cropped to ``PARITY_TILE_SIZE``) from the datasets' shards,
-    read under each dataset's pixel rule as training and segmentation read them."""
-
-    def crop(height: int, width: int) -> Window:
-        return Window(0, 0, min(width, PARITY_TILE_SIZE), min(height, PARITY_TILE_SIZE))
-
-    tiles: list[np.ndarray] = []
-    for dataset_id in sorted(dataset_ids):
-        rule = built_header(processed_root, dataset_id).pixel_rule
-        for split in ("val", "metrics_train", "train"):
-            for shard_dir, entry in iter_split_items(processed_root, dataset_id, split):
-                tiles.append(read_item(shard_dir / entry.input, None, rule, crop).image)
-                if len(tiles) == PARITY_TILES:
-                    return tiles
-    if not tiles:
-        raise DatasetError(f"no tile in the shards of {sorted(dataset_ids)} under {processed_root} to test parity on")
-    return tiles
 
 
 def export_checkpoint(

@@ -24,15 +24,8 @@ from runtime_export.numpy_runtime.runtime import RUNTIME_VERSION, RuntimeModel, 
 from training_core.checkpoint import save_checkpoint
 from training_core.datasets.built import built_header
 from training_core.datasets.schema import HEADER_FILENAME, dump_header, load_header
-from training_core.export import (
-    PARITY_TILE_SIZE,
-    PARITY_TILES,
-    export_artifact,
-    export_model,
-    input_rules_of,
-    parity_tiles,
-    training_data_of,
-)
+from training_core.export import export_artifact, export_model
+from training_core.export_datasets import PARITY_TILE_SIZE, PARITY_TILES, input_rules_of, parity_tiles, training_data_of
 from training_core.parity import model_parity, runtime_parity
 from training_core.shards.write import build_shards
 
