@@ -1,14 +1,8 @@
 """Evaluation: score a model's clusters against labels, beside the controls a user needs to read them.
 
-Methods, each fitting one set of cluster centres per dataset from pixels alone, then labelling every tile:
-
-- ``model``: the trained model, run by the numpy runtime exactly as ``runtime_export.segment`` runs it
-  (invalid pixels filled with the mean colour, tiles padded to the stride, one lattice sample of cells
-  over all the dataset's tiles: ``runtime_export.numpy_runtime.prototypes``), so the score describes what a user gets;
-- ``untrained_model``: the same architecture with the weights training starts from (same seed), the same
-  inference: does training help on this data?
-- ``kmeans_rgb``: k-means on the pixels' colours;
-- ``constant``: every pixel in one cluster, what an imbalanced label set gives for nothing.
+Four methods (``methods``) each fit one set of cluster centres per dataset from pixels alone, then label every
+tile: the trained model as ``runtime_export.segment`` runs it, its untrained twin (does training help on this
+data?), k-means on the pixels' colours, and a constant (what an imbalanced label set gives for nothing).
 
 Labels are only used here. The cluster-to-class mapping is fitted on ``metrics_train`` and scored on
 ``val`` (a dataset whose ``metrics_train`` holds no labeled pixel fits on ``val``, and the report says so),
